@@ -1,0 +1,24 @@
+# `make demo`: set up .venv and train RedNet-26 on the digits set that scikit-learn ships (no download).
+# `make test`: set up .venv and run the whole test suite (CPU, offline).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup benchmark
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+demo: setup
+	$(PY) train.py model=rednet26_small data=digits
+
+test: setup
+	$(PY) -m pytest -q
+
+benchmark: setup
+	$(PY) scripts/benchmark.py

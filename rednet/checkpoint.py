@@ -1,0 +1,263 @@
+"""Reading RedNet checkpoints of every kind, safely, and building the right model from the file alone.
+
+Formats understood (all read without executing pickled code):
+- rednet training checkpoints (``torch.save`` dict with ``model``, ``arch`` and ``model_args``);
+- rednet released weights: safetensors with ``arch`` / ``model_args`` metadata;
+- official mmcls files (``{'meta', 'state_dict', 'optimizer'}``), bare official state dicts, and
+  backbone-only files (no ``backbone.`` prefix, no head);
+- PaddleClas ``.pdparams`` (a pickle of numpy arrays), through a restricted unpickler.
+"""
+import json
+import math
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .model import DEPTHS
+
+__all__ = ['load_model', 'load_weights', 'read_checkpoint', 'convert_state_dict', 'infer_model_args',
+           'load_state_dict_strict', 'CheckpointError']
+
+PathLike = Union[str, Path]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, is unsafe, or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading files safely
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits only what numpy array reconstruction and plain containers need; refuses everything else."""
+    _ALLOWED = {
+        ('numpy', 'ndarray'), ('numpy', 'dtype'),
+        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+        ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+        ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+        ('_codecs', 'encode'),  # protocol 2 carries array bytes as latin-1 text
+        ('collections', 'OrderedDict'),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise CheckpointError(
+                f'refusing to load {module}.{name}: a Paddle weights file holds only numpy arrays, and this one '
+                f'asks to run other code. It may be malicious; nothing in it was executed.')
+        if module.startswith('numpy.core'):
+            module = 'numpy._core' + module[len('numpy.core'):]
+        return super().find_class(module, name)
+
+
+def _read_pdparams(path: Path) -> Dict[str, torch.Tensor]:
+    with open(path, 'rb') as f:
+        obj = _NumpyOnlyUnpickler(f).load()
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{path}: expected a dict of arrays in a .pdparams file, got {type(obj).__name__}')
+    state_dict = {}
+    for key, value in obj.items():
+        if key == 'StructuredToParameterName@@':
+            continue
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], np.ndarray):
+            value = value[1]  # some Paddle versions store (internal_name, array)
+        if not isinstance(value, np.ndarray):
+            raise CheckpointError(f'{path}: entry {key!r} is a {type(value).__name__}, not an array')
+        state_dict[key] = torch.from_numpy(np.ascontiguousarray(value))
+    return state_dict
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'{path}: refused to unpickle: the file holds more than tensors, dicts, strings and numbers, so it '
+            f'may run code when loaded (torch.load with weights_only=True said: {str(e).splitlines()[0]}). '
+            f'Nothing in it was executed. Re-save only the state dict, or convert it with scripts/convert.py '
+            f'in a trusted environment.') from None
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({e})') from None
+
+
+def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework='pt') as f:
+        metadata = f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, metadata
+
+
+def read_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[str], Dict[str, Any]]:
+    """Read any supported file: returns (state dict in this project's keys, arch name or None, model args).
+
+    ``arch`` and model args come from our own metadata when present; otherwise they are inferred from the
+    tensors (depth from the block counts, stem kernel from the stem involution, classes from the head).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    arch, model_args = None, {}
+    if path.suffix == '.safetensors':
+        state_dict, metadata = _read_safetensors(path)
+        arch = metadata.get('arch')
+        model_args = json.loads(metadata.get('model_args', '{}'))
+    elif path.suffix == '.pdparams':
+        state_dict = _read_pdparams(path)
+    else:
+        obj = _read_torch(path)
+        if not isinstance(obj, dict):
+            raise CheckpointError(f'{path}: expected a dict, got {type(obj).__name__}')
+        if 'model' in obj and 'arch' in obj:  # rednet training checkpoint
+            arch, model_args = obj['arch'], dict(obj.get('model_args') or {})
+            state_dict = obj['model']
+        elif 'state_dict' in obj:  # mmcv save_checkpoint
+            state_dict = obj['state_dict']
+        else:
+            state_dict = obj
+    state_dict = to_rednet_keys(state_dict, source=str(path))
+    inferred = infer_model_args(state_dict, source=str(path))
+    if arch is None:
+        arch = f'rednet{inferred.pop("depth")}'
+        model_args = {**inferred, **model_args}
+    return state_dict, arch, model_args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# key conversion
+
+# official (mmcls) key -> ours, applied in order after dropping the 'backbone.' prefix
+_OFFICIAL_RULES = [
+    (r'^head\.fc\.', 'fc.'),
+    (r'^stem\.0\.', 'stem.conv1.'),
+    (r'^stem\.1\.', 'stem.inv.'),
+    (r'^stem\.2\.', 'stem.bn.'),
+    (r'^stem\.4\.', 'stem.conv2.'),
+    (r'^(layer\d+\.\d+)\.conv2\.', r'\1.inv.'),
+    (r'\.inv\.conv1\.', '.inv.reduce.'),
+    (r'\.inv\.conv2\.conv\.', '.inv.span.'),
+]
+_PADDLE_BN = {'_mean': 'running_mean', '_variance': 'running_var'}
+
+
+def _is_paddle(state_dict: Dict[str, Any]) -> bool:
+    return any(k.endswith(('._mean', '._variance')) for k in state_dict)
+
+
+def to_rednet_keys(state_dict: Dict[str, Any], source: str = 'state dict') -> Dict[str, torch.Tensor]:
+    """Rename official, Paddle or DDP-wrapped keys to this project's module names."""
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f'{source}: entries that are not tensors: {bad[:5]}')
+    paddle = _is_paddle(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ('module.', 'backbone.', '_orig_mod.'):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if paddle:
+            stem, _, leaf = key.rpartition('.')
+            key = f'{stem}.{_PADDLE_BN.get(leaf, leaf)}'
+            if key == 'fc.weight':
+                value = value.t().contiguous()  # Paddle's Linear stores [in, out]
+        for pattern, repl in _OFFICIAL_RULES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    if paddle:  # Paddle keeps no num_batches_tracked
+        for key in [k for k in out if k.endswith('.running_mean')]:
+            out.setdefault(key[:-len('running_mean')] + 'num_batches_tracked', torch.tensor(0))
+    return out
+
+
+def infer_model_args(state_dict: Dict[str, torch.Tensor], source: str = 'state dict') -> Dict[str, Any]:
+    """Depth, stem kernel size, input channels and class count, from the tensors alone."""
+    try:
+        span = state_dict['stem.inv.span.weight']
+        stem_in = state_dict['stem.conv1.conv.weight']
+    except KeyError as e:
+        raise CheckpointError(f'{source}: not a RedNet checkpoint (no {e.args[0]!r} after key conversion; '
+                              f'first keys: {list(state_dict)[:5]})') from None
+    groups = state_dict['stem.inv.reduce.conv.weight'].shape[1] // 16 if 'stem.inv.reduce.conv.weight' in \
+        state_dict else 2
+    stem_kernel_size = math.isqrt(span.shape[0] // groups)
+    blocks = []
+    for stage in range(1, 5):
+        ids = {int(m.group(1)) for k in state_dict if (m := re.match(rf'layer{stage}\.(\d+)\.', k))}
+        blocks.append(max(ids) + 1 if ids else 0)
+    by_blocks = {v: k for k, v in DEPTHS.items()}
+    if tuple(blocks) not in by_blocks:
+        raise CheckpointError(f'{source}: blocks per stage {tuple(blocks)} match no RedNet depth '
+                              f'({", ".join(f"{d}: {b}" for d, b in DEPTHS.items())})')
+    fc = state_dict.get('fc.weight')
+    return dict(depth=by_blocks[tuple(blocks)], stem_kernel_size=stem_kernel_size, in_chans=stem_in.shape[1],
+                num_classes=fc.shape[0] if fc is not None else 0)
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint',
+                           allow_missing_head: bool = False) -> None:
+    """Load with every key accounted for; on mismatch, name the keys and shapes that differ."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not (allow_missing_head and k.startswith('fc.'))]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f'{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f'{source} does not fit {type(model).__name__}:']
+        for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                             ('shape mismatches', shapes)):
+            if items:
+                lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:10]) +
+                             (' ...' if len(items) > 10 else ''))
+        raise CheckpointError('\n'.join(lines))
+    model.load_state_dict(state_dict, strict=not allow_missing_head)
+
+
+def convert_state_dict(state_dict: Dict[str, Any], model: nn.Module, source: str = 'checkpoint') \
+        -> Dict[str, torch.Tensor]:
+    """timm's ``checkpoint_filter_fn``: any supported layout -> ``model``'s keys, with a clear error when
+    the file's stem kernel differs from the model's. Drops the head when the class counts differ."""
+    if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
+        state_dict = state_dict['state_dict']
+    state_dict = to_rednet_keys(state_dict, source)
+    file_args = infer_model_args(state_dict, source)
+    model_k = model.stem.inv.kernel_size
+    if file_args['stem_kernel_size'] != model_k:
+        raise CheckpointError(
+            f'{source} has a stem involution with K={file_args["stem_kernel_size"]} but the model was built '
+            f'with stem_kernel_size={model_k}; create it with stem_kernel_size={file_args["stem_kernel_size"]}')
+    if model.num_classes != file_args['num_classes']:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
+    return state_dict
+
+
+def load_weights(model: nn.Module, path: PathLike) -> None:
+    """Load any supported file into an existing model (the head is kept fresh if class counts differ)."""
+    state_dict, _, _ = read_checkpoint(path)
+    state_dict = convert_state_dict(state_dict, model, source=str(path))
+    head_missing = not any(k.startswith('fc.') for k in state_dict)
+    if head_missing and model.num_classes:
+        warnings.warn(f'{path}: classifier not loaded (file has a different class count or none); '
+                      f'the head of {model.num_classes} classes is freshly initialised')
+    load_state_dict_strict(model, state_dict, str(path), allow_missing_head=head_missing)
+
+
+def load_model(path: PathLike, **overrides: Any) -> nn.Module:
+    """Build the right RedNet from a checkpoint file alone and load its weights.
+
+    Args:
+        path: any supported checkpoint (ours, official mmcls, backbone-only, PaddleClas ``.pdparams``).
+        **overrides: model arguments that replace the file's (e.g. ``num_classes`` for a new head,
+            ``involution_backend``). A different ``num_classes`` keeps the backbone and starts a new head.
+    """
+    import timm
+    state_dict, arch, model_args = read_checkpoint(path)
+    model_args = {**model_args, **overrides}
+    model = timm.create_model(arch, **model_args)
+    state_dict = convert_state_dict(state_dict, model, source=str(path))
+    head_missing = not any(k.startswith('fc.') for k in state_dict)
+    load_state_dict_strict(model, state_dict, str(path), allow_missing_head=head_missing)
+    return model

@@ -1,0 +1,321 @@
+"""RedNet: ResNet with every bottleneck's 3x3 convolution replaced by a 7x7 involution.
+
+Paper: `Involution: Inverting the Inherence of Convolution for Visual Recognition` (Li et al., CVPR 2021)
+- https://arxiv.org/abs/2103.06255
+
+The architecture follows the authors' code (d-li14/involution, mmcls backbone) exactly: same stem (3x3 conv,
+K=3 involution, BN, ReLU, 3x3 conv, max-pool), same "pytorch"-style bottleneck with the stride on the
+involution, same initialisation (last BN of each residual branch zero-initialised). Parameter counts equal
+the official code's. Differences, each documented where it lives:
+- odd input sizes work: the kernel generator's stride pooling uses ``ceil_mode=True``, which equals the
+  official ``AvgPool2d(s, s)`` on even sizes and gives one kernel per output pixel on odd ones;
+- ``small_input=True`` builds a stem for 32x32 data sets (CIFAR, digits): stride-1 first conv and no max-pool;
+- ``stem_kernel_size=7`` builds the detection/segmentation variant of the stem.
+"""
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ConvNormAct, create_classifier
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+
+from .ops import involution
+
+__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS']
+
+# blocks per stage, by depth
+DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
+    26: (1, 2, 4, 1),
+    38: (2, 3, 5, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+
+
+class Involution(nn.Module):
+    """Involution layer: per-pixel kernels generated from the input, shared across a group's channels.
+
+    Kernel generation (official): optional ``AvgPool2d(stride)`` -> 1x1 conv C -> C/4 (no bias) + BN + ReLU
+    -> 1x1 conv C/4 -> K*K*G (bias). Aggregation: :func:`rednet.ops.involution`.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            kernel_size: int = 7,
+            stride: int = 1,
+            group_channels: int = 16,
+            reduction_ratio: int = 4,
+            backend: str = 'auto',
+    ):
+        super().__init__()
+        if channels % group_channels:
+            raise ValueError(f'Involution: channels ({channels}) must be a multiple of group_channels '
+                             f'({group_channels})')
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.groups = channels // group_channels
+        self.backend = backend
+        # ceil_mode=True equals the official AvgPool2d(s, s) on even sizes and keeps one kernel per output
+        # pixel on odd sizes (where the official code crashes or reads out of bounds)
+        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 \
+            else nn.Identity()
+        self.reduce = ConvNormAct(channels, channels // reduction_ratio, 1)
+        self.span = nn.Conv2d(channels // reduction_ratio, kernel_size * kernel_size * self.groups, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.span(self.reduce(self.pool(x)))
+        n, _, h, w = weight.shape
+        weight = weight.view(n, self.groups, self.kernel_size, self.kernel_size, h, w)
+        return involution(x, weight, stride=self.stride, backend=self.backend)
+
+
+class Bottleneck(nn.Module):
+    """1x1 conv -> 7x7 involution (carrying the stride) -> 1x1 conv, plus shortcut."""
+    expansion = 4
+
+    def __init__(
+            self,
+            in_chs: int,
+            mid_chs: int,
+            stride: int = 1,
+            kernel_size: int = 7,
+            involution_backend: str = 'auto',
+    ):
+        super().__init__()
+        out_chs = mid_chs * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid_chs)
+        self.act1 = nn.ReLU(inplace=True)
+        self.inv = Involution(mid_chs, kernel_size, stride, backend=involution_backend)
+        self.bn2 = nn.BatchNorm2d(mid_chs)
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.downsample = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_chs),
+            )
+        self.act3 = nn.ReLU(inplace=True)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+        nn.init.zeros_(self.bn3.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.inv(x)))
+        x = self.bn3(self.conv3(x))
+        return self.act3(x + shortcut)
+
+
+class Stem(nn.Module):
+    """3x3 conv (stride 2) -> involution (K=3, or 7 for detection) -> BN, ReLU -> 3x3 conv."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            width: int = 64,
+            kernel_size: int = 3,
+            stride: int = 2,
+            involution_backend: str = 'auto',
+    ):
+        super().__init__()
+        self.conv1 = ConvNormAct(in_chans, width // 2, 3, stride=stride, padding=1)
+        self.inv = Involution(width // 2, kernel_size, 1, backend=involution_backend)
+        self.bn = nn.BatchNorm2d(width // 2)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = ConvNormAct(width // 2, width, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.bn(self.inv(self.conv1(x)))))
+
+
+class RedNet(nn.Module):
+    """RedNet classifier / backbone, with the timm model API."""
+
+    def __init__(
+            self,
+            layers: Tuple[int, int, int, int] = (3, 4, 6, 3),
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            stem_kernel_size: int = 3,
+            small_input: bool = False,
+            kernel_size: int = 7,
+            global_pool: str = 'avg',
+            involution_backend: str = 'auto',
+            zero_init_last: bool = True,
+    ):
+        """
+        Args:
+            layers: bottleneck blocks per stage.
+            num_classes: classifier outputs (0 for no classifier).
+            in_chans: input image channels.
+            stem_kernel_size: kernel of the stem's involution, 3 (classification) or 7 (detection variant).
+            small_input: stem for 32x32 images: stride-1 first conv and no max-pool (overall stride 8).
+            kernel_size: kernel of the bottlenecks' involutions.
+            global_pool: timm pooling type of the head.
+            involution_backend: backend of :func:`rednet.ops.involution` used by every involution.
+            zero_init_last: zero-initialise the last BN of every residual branch.
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.grad_checkpointing = False
+        stem_stride = 1 if small_input else 2
+        self.stem = Stem(in_chans, 64, stem_kernel_size, stem_stride, involution_backend)
+        self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=64, reduction=stem_stride, module='stem')]
+
+        in_chs, reduction = 64, stem_stride * (1 if small_input else 2)
+        for i, (num_blocks, mid_chs) in enumerate(zip(layers, (64, 128, 256, 512))):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            blocks = []
+            for j in range(num_blocks):
+                blocks.append(Bottleneck(in_chs, mid_chs, stride if j == 0 else 1, kernel_size, involution_backend))
+                in_chs = mid_chs * Bottleneck.expansion
+            self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'layer{i + 1}'))
+
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.init_weights(zero_init_last)
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
+        return dict(stem=r'^stem|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+
+    def set_involution_backend(self, backend: str) -> None:
+        """Switch every involution of the model to another :func:`rednet.ops.involution` backend."""
+        for m in self.modules():
+            if isinstance(m, Involution):
+                m.backend = backend
+
+    def load_pretrained(self, path: str) -> None:
+        """timm's hook for ``pretrained=True`` with a local file: any format :func:`rednet.load_model` reads."""
+        from .checkpoint import load_weights
+        load_weights(self, path)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.stem(x))
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(nn.Sequential(*stages), x)
+        for stage in stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RedNet) -> Dict[str, torch.Tensor]:
+    """Convert an official (mmcls), PaddleClas or rednet state dict to this model's keys."""
+    from .checkpoint import convert_state_dict
+    return convert_state_dict(state_dict, model)
+
+
+def _create_rednet(variant: str, pretrained: bool = False, **kwargs) -> RedNet:
+    return build_model_with_cfg(
+        RedNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1.conv', 'classifier': 'fc',
+        # released weights arrive as local files in several formats (mmcls, PaddleClas, ours):
+        # timm hands the path to RedNet.load_pretrained, which reads them all safely
+        'custom_load': True,
+        'paper_ids': 'arXiv:2103.06255', 'paper_name': 'Involution: Inverting the Inherence of Convolution '
+                                                     'for Visual Recognition',
+        'origin_url': 'https://github.com/d-li14/involution', 'license': 'mit',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'rednet26.in1k': _cfg(),
+    'rednet38.in1k': _cfg(),
+    'rednet50.in1k': _cfg(),
+    'rednet101.in1k': _cfg(),
+    'rednet152.in1k': _cfg(),
+})
+
+
+@register_model
+def rednet26(pretrained: bool = False, **kwargs) -> RedNet:
+    """RedNet-26 (9.23M parameters)."""
+    return _create_rednet('rednet26', pretrained, **dict(layers=DEPTHS[26], **kwargs))
+
+
+@register_model
+def rednet38(pretrained: bool = False, **kwargs) -> RedNet:
+    """RedNet-38 (12.39M parameters)."""
+    return _create_rednet('rednet38', pretrained, **dict(layers=DEPTHS[38], **kwargs))
+
+
+@register_model
+def rednet50(pretrained: bool = False, **kwargs) -> RedNet:
+    """RedNet-50 (15.54M parameters)."""
+    return _create_rednet('rednet50', pretrained, **dict(layers=DEPTHS[50], **kwargs))
+
+
+@register_model
+def rednet101(pretrained: bool = False, **kwargs) -> RedNet:
+    """RedNet-101 (25.65M parameters)."""
+    return _create_rednet('rednet101', pretrained, **dict(layers=DEPTHS[101], **kwargs))
+
+
+@register_model
+def rednet152(pretrained: bool = False, **kwargs) -> RedNet:
+    """RedNet-152 (33.98M parameters)."""
+    return _create_rednet('rednet152', pretrained, **dict(layers=DEPTHS[152], **kwargs))

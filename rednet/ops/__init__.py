@@ -1,0 +1,76 @@
+"""The involution operator: one functional entry point over several backends.
+
+``out[n, g*Cg + c, i, j] = sum_{a,b} weight[n, g, a, b, i, j] * x_pad[n, g*Cg + c, i*s + a*d, j*s + b*d]``
+with ``Cg = C // G`` channels per group and zero padding ``padding`` on every side
+(Li et al., "Involution: Inverting the Inherence of Convolution for Visual Recognition", CVPR 2021).
+"""
+from typing import Optional
+
+import torch
+
+from .reference import involution_reference
+
+__all__ = ['involution', 'involution_reference', 'output_size', 'BACKENDS']
+
+BACKENDS = ('auto', 'reference')
+
+
+def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
+    """Spatial output size of the aggregation (the same formula as a convolution)."""
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f'involution: x must be (N, C, H, W), got shape {tuple(x.shape)}')
+    if weight.dim() != 6:
+        raise ValueError(f'involution: weight must be (N, G, K, K, H_out, W_out), got shape {tuple(weight.shape)}')
+    n, c, h, w = x.shape
+    wn, g, k, k2, h_out, w_out = weight.shape
+    if k != k2:
+        raise ValueError(f'involution: kernel must be square, got {k}x{k2}')
+    if wn != n:
+        raise ValueError(f'involution: batch of x ({n}) and weight ({wn}) differ')
+    if g < 1 or c % g:
+        raise ValueError(f'involution: channels ({c}) must be divisible by the number of groups ({g})')
+    if stride < 1 or dilation < 1 or padding < 0:
+        raise ValueError(f'involution: need stride >= 1, dilation >= 1, padding >= 0; '
+                         f'got stride={stride}, dilation={dilation}, padding={padding}')
+    expected = (output_size(h, k, stride, padding, dilation), output_size(w, k, stride, padding, dilation))
+    if (h_out, w_out) != expected:
+        raise ValueError(
+            f'involution: weight spatial size {(h_out, w_out)} does not match the output size {expected} of '
+            f'a {h}x{w} input with kernel {k}, stride {stride}, padding {padding}, dilation {dilation}')
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(f'involution: x ({x.dtype}, {x.device}) and weight ({weight.dtype}, {weight.device}) '
+                         f'must share dtype and device')
+
+
+def involution(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: int = 1,
+        padding: Optional[int] = None,
+        dilation: int = 1,
+        backend: str = 'auto',
+) -> torch.Tensor:
+    """Involution aggregation.
+
+    Args:
+        x: input (N, C, H, W).
+        weight: per-pixel kernels (N, G, K, K, H_out, W_out), shared by the C // G channels of a group.
+        stride: spatial stride.
+        padding: zero padding on every side; ``None`` means ``dilation * (K - 1) // 2`` ("same").
+        dilation: spacing of the kernel taps.
+        backend: ``'auto'`` or one of ``BACKENDS``.
+
+    Returns:
+        (N, C, H_out, W_out)
+    """
+    k = weight.shape[2] if weight.dim() == 6 else 0
+    if padding is None:
+        padding = dilation * (k - 1) // 2
+    _check_args(x, weight, stride, padding, dilation)
+    if backend not in BACKENDS:
+        raise ValueError(f'involution: unknown backend {backend!r}; choose one of {", ".join(BACKENDS)}')
+    return involution_reference(x, weight, stride, padding, dilation)
