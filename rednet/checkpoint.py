@@ -231,6 +231,11 @@ def convert_state_dict(state_dict: Dict[str, Any], model: nn.Module, source: str
             f'with stem_kernel_size={model_k}; create it with stem_kernel_size={file_args["stem_kernel_size"]}')
     if model.num_classes != file_args['num_classes']:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
+    in_chans = model.stem.conv1.conv.in_channels
+    if in_chans != file_args['in_chans']:  # e.g. RGB weights for a grayscale model, as timm does
+        from timm.models import adapt_input_conv
+        key = 'stem.conv1.conv.weight'
+        state_dict[key] = adapt_input_conv(in_chans, state_dict[key])
     return state_dict
 
 

@@ -258,6 +258,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RedNet) -> Dict[str,
 
 
 def _create_rednet(variant: str, pretrained: bool = False, **kwargs) -> RedNet:
+    overlay = kwargs.get('pretrained_cfg_overlay')
+    if overlay and overlay.get('file'):
+        # a local file may be official, PaddleClas or ours: RedNet.load_pretrained reads every kind safely
+        kwargs['pretrained_cfg_overlay'] = {'custom_load': True, **overlay}
     return build_model_with_cfg(
         RedNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -272,9 +276,6 @@ def _cfg(**kwargs) -> Dict[str, Any]:
         'crop_pct': 0.875, 'interpolation': 'bilinear',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.conv1.conv', 'classifier': 'fc',
-        # released weights arrive as local files in several formats (mmcls, PaddleClas, ours):
-        # timm hands the path to RedNet.load_pretrained, which reads them all safely
-        'custom_load': True,
         'paper_ids': 'arXiv:2103.06255', 'paper_name': 'Involution: Inverting the Inherence of Convolution '
                                                      'for Visual Recognition',
         'origin_url': 'https://github.com/d-li14/involution', 'license': 'mit',
