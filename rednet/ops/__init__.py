@@ -3,16 +3,32 @@
 ``out[n, g*Cg + c, i, j] = sum_{a,b} weight[n, g, a, b, i, j] * x_pad[n, g*Cg + c, i*s + a*d, j*s + b*d]``
 with ``Cg = C // G`` channels per group and zero padding ``padding`` on every side
 (Li et al., "Involution: Inverting the Inherence of Convolution for Visual Recognition", CVPR 2021).
+
+Backends:
+
+- ``reference``: the unfold math of the official code (K*K copies of the input); ground truth for tests.
+- ``native``: pure PyTorch shift-and-add with a recomputing backward (:mod:`rednet.ops.native`); any device
+  and dtype, autocast, channels_last, ``torch.compile`` and ONNX export.
+- ``triton``: fused Triton kernels (:mod:`rednet.ops.triton_kernels`) for CUDA tensors in float32/16/bf16
+  (float64 too); runs on CPU tensors only under ``TRITON_INTERPRET=1`` (slow, for tests).
+- ``auto``: ``triton`` for CUDA tensors when Triton is importable and the dtype is supported, else
+  ``native``. ``reference`` is never chosen automatically. On CPU ``native`` is the only fast choice
+  (``scripts/benchmark.py`` measures all of them side by side).
+
+Under autocast (any device type) both inputs are cast to the autocast dtype first, like a convolution; the
+fast backends accumulate half-precision inputs in float32.
 """
 from typing import Optional
 
 import torch
 
+from .native import involution_native
 from .reference import involution_reference
 
-__all__ = ['involution', 'involution_reference', 'output_size', 'BACKENDS']
+__all__ = ['involution', 'involution_reference', 'involution_native', 'output_size', 'BACKENDS',
+           'resolve_backend']
 
-BACKENDS = ('auto', 'reference')
+BACKENDS = ('auto', 'reference', 'native', 'triton')
 
 
 def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
@@ -67,10 +83,54 @@ def involution(
     Returns:
         (N, C, H_out, W_out)
     """
+    if backend not in BACKENDS:
+        raise ValueError(f'involution: unknown backend {backend!r}; choose one of {", ".join(BACKENDS)}')
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError('involution: x and weight must be tensors')
     k = weight.shape[2] if weight.dim() == 6 else 0
     if padding is None:
         padding = dilation * (k - 1) // 2
+    x, weight = _autocast_inputs(x, weight)
     _check_args(x, weight, stride, padding, dilation)
-    if backend not in BACKENDS:
-        raise ValueError(f'involution: unknown backend {backend!r}; choose one of {", ".join(BACKENDS)}')
+    backend = resolve_backend(backend, x)
+    if backend == 'native':
+        return involution_native(x, weight, stride, padding, dilation)
+    if backend == 'triton':
+        from .triton_kernels import involution_triton
+        return involution_triton(x, weight, stride, padding, dilation)
     return involution_reference(x, weight, stride, padding, dilation)
+
+
+def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor):
+    """Under autocast, run in the autocast dtype (like a convolution) whatever the inputs' dtypes."""
+    device_type = x.device.type
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        return x, weight
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # device type without autocast support
+        return x, weight
+    if not enabled:
+        return x, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), weight.to(dtype)
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The concrete backend ``backend`` means for input ``x`` (``'auto'`` -> ``'triton'`` or ``'native'``).
+
+    An explicitly requested ``triton`` on an input it cannot run raises ``ValueError`` (never a wrong result).
+    """
+    if backend == 'auto':
+        if x.device.type == 'cuda' and not torch.compiler.is_compiling():
+            from . import triton_kernels
+            if triton_kernels.supports(x)[0]:
+                return 'triton'
+        return 'native'
+    if backend == 'triton':
+        from . import triton_kernels
+        ok, why = triton_kernels.supports(x)
+        if not ok:
+            raise ValueError(f'involution: the triton backend cannot run this input: {why}; '
+                             f"use backend='native' (or 'auto', which falls back to it)")
+    return backend

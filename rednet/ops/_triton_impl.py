@@ -1,0 +1,143 @@
+"""Triton kernels of the involution (imported lazily by :mod:`rednet.ops.triton_kernels`, needs ``triton``).
+
+Gather form everywhere (every output element is written by exactly one program: no atomics), fp32
+accumulation (fp64 for fp64 inputs), arbitrary input strides (channels_last and non-contiguous inputs need no
+copy). A program owns one (sample, group) and a tile of ``BLOCK_P`` pixels; per tap it loads the tile's kernel
+values once (``BLOCK_P`` numbers) and applies them to all the group's channels (``BLOCK_C`` rows), so each
+pixel's kernel is read once per program and the input tile stays in L1/L2 across the K*K taps.
+
+- ``_fwd_kernel``:  out[n, c, i, j]  = sum_t w[n, g, t, i, j] * x[n, c, i*s + a*d - p, j*s + b*d - p]
+- ``_bwd_x_kernel``: grad_x[n, c, y, z] = sum over taps whose window hits (y, z) of w * grad_out (gather: for
+  tap (a, b) the output pixel is ((y + p - a*d) / s, (z + p - b*d) / s) when both divide exactly)
+- ``_bwd_w_kernel``: grad_w[n, g, t, i, j] = sum_{c in g} grad_out[n, c, i, j] * x[n, c, ...]; the grad_out
+  tile is loaded once and reused for all K*K taps.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, out_ptr,
+                H, W, HO, WO, G, CG,
+                sxn, sxc, sxh, sxw,
+                swn, swg, swt, swh, sww,
+                son, soc, soh, sow,
+                K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_ng = tl.program_id(1).to(tl.int64)
+    n = pid_ng // G
+    g = pid_ng % G
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HO * WO
+    i = p // WO
+    j = p % WO
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < CG
+    ch = g * CG + c
+    x_base = x_ptr + n * sxn + ch[:, None] * sxc
+    w_base = w_ptr + n * swn + g * swg + i * swh + j * sww
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for a in tl.static_range(K):
+        hi = i * STRIDE + a * DIL - PAD
+        hok = (hi >= 0) & (hi < H)
+        hi = tl.where(hok, hi, 0)
+        for b in tl.static_range(K):
+            wi = j * STRIDE + b * DIL - PAD
+            ok = pmask & hok & (wi >= 0) & (wi < W)
+            wi = tl.where(ok, wi, 0)
+            wv = tl.load(w_base + (a * K + b) * swt, mask=pmask, other=0.0).to(acc.dtype)
+            xv = tl.load(x_base + hi[None, :] * sxh + wi[None, :] * sxw,
+                         mask=cmask[:, None] & ok[None, :], other=0.0).to(acc.dtype)
+            acc += xv * wv[None, :]
+    out_ptrs = out_ptr + n * son + ch[:, None] * soc + i[None, :] * soh + j[None, :] * sow
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & pmask[None, :])
+
+
+@triton.jit
+def _bwd_x_kernel(go_ptr, w_ptr, gx_ptr,
+                  H, W, HO, WO, G, CG,
+                  sgn, sgc, sgh, sgw,
+                  swn, swg, swt, swh, sww,
+                  sxn, sxc, sxh, sxw,
+                  K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_ng = tl.program_id(1).to(tl.int64)
+    n = pid_ng // G
+    g = pid_ng % G
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < H * W
+    y = p // W
+    z = p % W
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < CG
+    ch = g * CG + c
+    go_base = go_ptr + n * sgn + ch[:, None] * sgc
+    w_base = w_ptr + n * swn + g * swg
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for a in tl.static_range(K):
+        hn = y + PAD - a * DIL  # = i * STRIDE for the output row i this tap reads (y, z) into
+        hn_pos = tl.where(hn >= 0, hn, 0)
+        io = hn_pos // STRIDE
+        hok = (hn >= 0) & (hn_pos - io * STRIDE == 0) & (io < HO)
+        io = tl.where(hok, io, 0)
+        for b in tl.static_range(K):
+            wn = z + PAD - b * DIL
+            wn_pos = tl.where(wn >= 0, wn, 0)
+            jo = wn_pos // STRIDE
+            ok = pmask & hok & (wn >= 0) & (wn_pos - jo * STRIDE == 0) & (jo < WO)
+            jo = tl.where(ok, jo, 0)
+            wv = tl.load(w_base + (a * K + b) * swt + io * swh + jo * sww, mask=ok, other=0.0).to(acc.dtype)
+            gv = tl.load(go_base + io[None, :] * sgh + jo[None, :] * sgw,
+                         mask=cmask[:, None] & ok[None, :], other=0.0).to(acc.dtype)
+            acc += gv * wv[None, :]
+    gx_ptrs = gx_ptr + n * sxn + ch[:, None] * sxc + y[None, :] * sxh + z[None, :] * sxw
+    tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=cmask[:, None] & pmask[None, :])
+
+
+@triton.jit
+def _bwd_w_kernel(x_ptr, go_ptr, gw_ptr,
+                  H, W, HO, WO, G, CG,
+                  sxn, sxc, sxh, sxw,
+                  sgn, sgc, sgh, sgw,
+                  swn, swg, swt, swh, sww,
+                  K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_ng = tl.program_id(1).to(tl.int64)
+    n = pid_ng // G
+    g = pid_ng % G
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HO * WO
+    i = p // WO
+    j = p % WO
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < CG
+    ch = g * CG + c
+    gv = tl.load(go_ptr + n * sgn + ch[:, None] * sgc + i[None, :] * sgh + j[None, :] * sgw,
+                 mask=cmask[:, None] & pmask[None, :], other=0.0)
+    if ACC_F64:
+        gv = gv.to(tl.float64)
+    else:
+        gv = gv.to(tl.float32)
+    x_base = x_ptr + n * sxn + ch[:, None] * sxc
+    gw_base = gw_ptr + n * swn + g * swg + i * swh + j * sww
+    for a in tl.static_range(K):
+        hi = i * STRIDE + a * DIL - PAD
+        hok = (hi >= 0) & (hi < H)
+        hi = tl.where(hok, hi, 0)
+        for b in tl.static_range(K):
+            wi = j * STRIDE + b * DIL - PAD
+            ok = pmask & hok & (wi >= 0) & (wi < W)
+            wi = tl.where(ok, wi, 0)
+            xv = tl.load(x_base + hi[None, :] * sxh + wi[None, :] * sxw,
+                         mask=cmask[:, None] & ok[None, :], other=0.0).to(gv.dtype)
+            s = tl.sum(xv * gv, axis=0)
+            tl.store(gw_base + (a * K + b) * swt, s.to(gw_ptr.dtype.element_ty), mask=pmask)
