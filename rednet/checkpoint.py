@@ -9,7 +9,9 @@ Formats understood (all read without executing pickled code):
 """
 import json
 import math
+import os
 import pickle
+import tempfile
 import re
 import warnings
 from pathlib import Path
@@ -22,7 +24,10 @@ import torch.nn as nn
 from .model import DEPTHS
 
 __all__ = ['load_model', 'load_weights', 'read_checkpoint', 'convert_state_dict', 'infer_model_args',
-           'load_state_dict_strict', 'CheckpointError']
+           'load_state_dict_strict', 'save_released', 'convert_checkpoint', 'CheckpointError']
+
+# what a released safetensors file carries about its data pipeline (timm pretrained_cfg keys)
+RELEASE_CFG_KEYS = ('num_classes', 'input_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')
 
 PathLike = Union[str, Path]
 
@@ -90,6 +95,13 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, st
     with safe_open(str(path), framework='pt') as f:
         metadata = f.metadata() or {}
         return {k: f.get_tensor(k) for k in f.keys()}, metadata
+
+
+def _read_release_cfg(path: PathLike) -> Dict[str, Any]:
+    """The data-pipeline metadata of a released safetensors file ({} for other formats)."""
+    if Path(path).suffix != '.safetensors':
+        return {}
+    return json.loads(_read_safetensors(Path(path))[1].get('pretrained_cfg', '{}'))
 
 
 def read_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[str], Dict[str, Any]]:
@@ -216,19 +228,22 @@ def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=not allow_missing_head)
 
 
-def convert_state_dict(state_dict: Dict[str, Any], model: nn.Module, source: str = 'checkpoint') \
-        -> Dict[str, torch.Tensor]:
+def convert_state_dict(state_dict: Dict[str, Any], model: nn.Module, source: str = 'checkpoint',
+                       file_model_args: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
     """timm's ``checkpoint_filter_fn``: any supported layout -> ``model``'s keys, with a clear error when
     the file's stem kernel differs from the model's. Drops the head when the class counts differ."""
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
         state_dict = state_dict['state_dict']
     state_dict = to_rednet_keys(state_dict, source)
-    file_args = infer_model_args(state_dict, source)
+    file_args = {**infer_model_args(state_dict, source), **(file_model_args or {})}
     model_k = model.stem.inv.kernel_size
     if file_args['stem_kernel_size'] != model_k:
         raise CheckpointError(
             f'{source} has a stem involution with K={file_args["stem_kernel_size"]} but the model was built '
             f'with stem_kernel_size={model_k}; create it with stem_kernel_size={file_args["stem_kernel_size"]}')
+    if 'small_input' in file_args and file_args['small_input'] != model.small_input:
+        raise CheckpointError(f'{source} was trained with small_input={file_args["small_input"]}; create the '
+                              f'model with small_input={file_args["small_input"]}')
     if model.num_classes != file_args['num_classes']:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
     in_chans = model.stem.conv1.conv.in_channels
@@ -241,8 +256,8 @@ def convert_state_dict(state_dict: Dict[str, Any], model: nn.Module, source: str
 
 def load_weights(model: nn.Module, path: PathLike) -> None:
     """Load any supported file into an existing model (the head is kept fresh if class counts differ)."""
-    state_dict, _, _ = read_checkpoint(path)
-    state_dict = convert_state_dict(state_dict, model, source=str(path))
+    state_dict, _, file_args = read_checkpoint(path)
+    state_dict = convert_state_dict(state_dict, model, str(path), file_args)
     head_missing = not any(k.startswith('fc.') for k in state_dict)
     if head_missing and model.num_classes:
         warnings.warn(f'{path}: classifier not loaded (file has a different class count or none); '
@@ -262,7 +277,47 @@ def load_model(path: PathLike, **overrides: Any) -> nn.Module:
     state_dict, arch, model_args = read_checkpoint(path)
     model_args = {**model_args, **overrides}
     model = timm.create_model(arch, **model_args)
-    state_dict = convert_state_dict(state_dict, model, source=str(path))
+    state_dict = convert_state_dict(state_dict, model, str(path), model_args)
     head_missing = not any(k.startswith('fc.') for k in state_dict)
     load_state_dict_strict(model, state_dict, str(path), allow_missing_head=head_missing)
+    release_cfg = _read_release_cfg(path)
+    if release_cfg and release_cfg.get('num_classes') == model.num_classes:
+        model.pretrained_cfg = {**model.pretrained_cfg, **release_cfg}
+    return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it into place (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_released(model: nn.Module, path: PathLike, arch: str, model_args: Dict[str, Any],
+                  **cfg_overrides: Any) -> None:
+    """Write our released-weights format: safetensors weights plus the metadata that rebuilds the model
+    (architecture name and arguments) and its data pipeline (class count, input size, crop_pct, mean/std)."""
+    from safetensors.torch import save_file
+    cfg = {k: model.pretrained_cfg[k] for k in RELEASE_CFG_KEYS if k in getattr(model, 'pretrained_cfg', {})}
+    cfg.update(cfg_overrides, num_classes=model.num_classes)
+    model_args = {**model_args, 'num_classes': model.num_classes}
+    metadata = {'format': 'rednet', 'arch': arch, 'model_args': json.dumps(model_args),
+                'pretrained_cfg': json.dumps(cfg)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def convert_checkpoint(src: PathLike, dst: PathLike, **cfg_overrides: Any) -> nn.Module:
+    """Any supported checkpoint (official, PaddleClas, ours) -> our released safetensors file."""
+    _, arch, model_args = read_checkpoint(src)
+    model = load_model(src)
+    save_released(model, dst, arch, model_args, **cfg_overrides)
     return model

@@ -166,6 +166,7 @@ class RedNet(nn.Module):
         """
         super().__init__()
         self.num_classes = num_classes
+        self.small_input = small_input
         self.grad_checkpointing = False
         stem_stride = 1 if small_input else 2
         self.stem = Stem(in_chans, 64, stem_kernel_size, stem_stride, involution_backend)

@@ -54,7 +54,7 @@ def official_state_dict(depth: int = 26, stem_kernel_size: int = 3, num_classes:
             involution(p + 'conv2', mid, 7)
             bn(p + 'bn2', mid)
             conv(p + 'conv3', mid * 4, mid)
-            bn(p + 'bn3', mid * 4, scale=0.3)
+            bn(p + 'bn3', mid * 4, scale=0.05)
             if j == 0:
                 conv(p + 'downsample.0', mid * 4, in_c)
                 bn(p + 'downsample.1', mid * 4)
