@@ -1,0 +1,492 @@
+"""The training and evaluation loops and their plumbing, for ``train.py`` and ``eval.py``.
+
+- :func:`train_one_epoch`, :func:`evaluate` (loss, top-1/top-5 in percent, images, img/s; metrics reduced
+  across processes);
+- distributed setup/teardown (torchrun's ``env://``; NCCL on CUDA, gloo on CPU) and reductions;
+- :class:`WarmupCosine`: the paper's schedule (per-iteration linear warmup from a fraction of the lr, cosine
+  stepped per epoch or per iteration);
+- atomic checkpoint files, RNG state capture/restore as tensors (``torch.load(weights_only=True)`` reads them);
+- non-finite loss handling and a SIGTERM (preemption) flag.
+"""
+import contextlib
+import math
+import os
+import random
+import signal
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['DistInfo', 'setup_distributed', 'cleanup_distributed', 'reduce_sum', 'broadcast_object',
+           'WarmupCosine', 'NonFiniteLossError', 'StopFlag', 'atomic_save', 'atomic_link_or_copy',
+           'capture_rng_state', 'restore_rng_state', 'seed_everything', 'set_deterministic',
+           'autocast', 'accuracy', 'train_one_epoch', 'evaluate', 'unwrap_model']
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distributed
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str] = None, backend: Optional[str] = None) -> DistInfo:
+    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``).
+
+    Without those variables: a single process. Device: ``device`` if given, else CUDA (``cuda:LOCAL_RANK``)
+    when available, else CPU. Backend: NCCL on CUDA, gloo on CPU, unless ``backend`` says otherwise.
+    """
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if device is None:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        if dev.index is None:
+            dev = torch.device('cuda', local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(dev)
+    info = DistInfo(rank, world_size, local_rank, world_size > 1, dev)
+    if info.distributed and not dist.is_initialized():
+        backend = backend or ('nccl' if dev.type == 'cuda' else 'gloo')
+        kwargs = dict(device_id=dev) if backend == 'nccl' else {}
+        dist.init_process_group(backend=backend, init_method='env://', **kwargs)
+    return info
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def reduce_sum(values: List[float], device: torch.device) -> List[float]:
+    """Sum a list of numbers over all processes (identity in a single process)."""
+    if not _dist_on():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _reduce_max_flags(flags: torch.Tensor) -> torch.Tensor:
+    if _dist_on():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not _dist_on():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP and/or ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# learning-rate schedule
+
+class WarmupCosine:
+    """lr multiplier at optimizer step ``it``, for ``torch.optim.lr_scheduler.LambdaLR`` stepped per iteration.
+
+    The paper (mmcv ``CosineAnnealingLrUpdaterHook`` with linear warmup): the cosine counts from epoch 0 over all
+    ``epochs`` and is evaluated at whole epochs (``per_step=False``) or at every step (``per_step=True``);
+    during the first ``warmup_iters`` steps it is multiplied by
+    ``1 - (1 - it / warmup_iters) * (1 - warmup_ratio)``, i.e. warmup starts at ``warmup_ratio`` x lr.
+    ``name='constant'`` keeps the multiplier at 1 after warmup. A callable object, so LambdaLR's
+    ``state_dict`` saves its settings.
+    """
+
+    def __init__(self, epochs: int, iters_per_epoch: int, warmup_iters: int = 0, warmup_ratio: float = 0.25,
+                 min_ratio: float = 0.0, per_step: bool = False, name: str = 'cosine'):
+        if name not in ('cosine', 'constant'):
+            raise ValueError(f"schedule.name must be 'cosine' or 'constant', got {name!r}")
+        self.epochs, self.iters_per_epoch = int(epochs), max(int(iters_per_epoch), 1)
+        self.warmup_iters, self.warmup_ratio = int(warmup_iters), float(warmup_ratio)
+        self.min_ratio, self.per_step, self.name = float(min_ratio), bool(per_step), name
+
+    def __call__(self, it: int) -> float:
+        if self.name == 'cosine':
+            if self.per_step:
+                progress = it / (self.epochs * self.iters_per_epoch)
+            else:
+                progress = (it // self.iters_per_epoch) / self.epochs
+            progress = min(progress, 1.0)
+            factor = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            factor = 1.0
+        if it < self.warmup_iters:
+            factor *= 1 - (1 - it / self.warmup_iters) * (1 - self.warmup_ratio)
+        return factor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints, RNG
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a kill at any moment
+    leaves either the previous file or the new one, never a truncated file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_link_or_copy(src: str, dst: str) -> None:
+    """Make ``dst`` a copy of ``src`` atomically (a hard link when the file system allows, else a copy)."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(folder, f'.{os.path.basename(dst)}.tmp-{os.getpid()}')
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as tensors and numbers (``weights_only`` loadable)."""
+    version, py_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state = {
+        'python_version': int(version),
+        'python': torch.tensor(py_state, dtype=torch.int64),
+        'python_gauss': gauss,
+        'numpy_name': str(np_name),
+        'numpy': torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        'numpy_pos': int(np_pos),
+        'numpy_has_gauss': int(np_has_gauss),
+        'numpy_cached_gaussian': float(np_cached),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate((state['python_version'], tuple(int(v) for v in state['python'].tolist()),
+                     state['python_gauss']))
+    np.random.set_state((state['numpy_name'], state['numpy'].numpy().astype(np.uint32), state['numpy_pos'],
+                         state['numpy_has_gauss'], state['numpy_cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        cuda_states = state['cuda']
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels (cuDNN, cuBLAS) or the fastest ones (cuDNN benchmark)."""
+    if enabled:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+# ---------------------------------------------------------------------------------------------------------
+# signals, non-finite losses
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class StopFlag:
+    """Set by SIGTERM (preemption, ``scancel``, torchrun shutting down): the loop finishes the current step,
+    saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def install(self, signals: Iterable[int] = (signal.SIGTERM,)) -> 'StopFlag':
+        for s in signals:
+            self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+        self.signum = signum
+
+
+def _test_fault(step: int) -> Optional[str]:
+    """Fault injection for the test suite: ``_REDNET_FAULT=KIND@STEP`` with KIND one of KILL, TERM, NAN."""
+    spec = os.environ.get('_REDNET_FAULT')
+    if not spec:
+        return None
+    kind, _, at = spec.partition('@')
+    if int(at) != step:
+        return None
+    if kind == 'KILL':
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == 'TERM':
+        os.kill(os.getpid(), signal.SIGTERM)
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loops
+
+def autocast(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` for ``amp`` in (None, 'bf16', 'fp16')."""
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> List[int]:
+    """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hits = pred.eq(target.view(-1, 1))
+    return [int(hits[:, :min(k, maxk)].any(dim=1).sum()) for k in topk]
+
+
+def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, target.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+        model: nn.Module,
+        loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        criterion: Callable,
+        device: torch.device,
+        epoch: int,
+        *,
+        global_step: int = 0,
+        batches_done: int = 0,
+        steps_per_epoch: Optional[int] = None,
+        amp: Optional[str] = None,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        grad_accum: int = 1,
+        clip_grad: Optional[float] = None,
+        clip_mode: str = 'norm',
+        mixup_fn: Optional[Callable] = None,
+        ema: Optional[nn.Module] = None,
+        channels_last: bool = False,
+        skip_nonfinite: bool = False,
+        stop: Optional[StopFlag] = None,
+        last_checkpoint: Optional[str] = None,
+        writer: Any = None,
+        log_every: int = 20,
+        progress: bool = False,
+) -> Dict[str, Any]:
+    """One epoch (or what remains of it after ``batches_done`` micro-batches).
+
+    Every ``grad_accum`` micro-batches make one optimizer step followed by ``scheduler.step()``. Returns
+    ``loss`` (mean per sample over all processes), ``images`` (all processes), ``img_per_sec``, ``time``,
+    ``lr`` (of the last step), ``global_step``, ``batches_done`` and ``interrupted`` (SIGTERM: the epoch was left
+    early at a step boundary). A non-finite loss raises :class:`NonFiniteLossError` naming the step and
+    ``last_checkpoint``, or with ``skip_nonfinite`` skips the step with a warning.
+    """
+    from timm.utils import dispatch_clip_grad
+    model.train()
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    total_batches = len(loader) + batches_done  # loader already skips the done samples
+    if steps_per_epoch is None:
+        steps_per_epoch = total_batches // grad_accum
+    last_batch = steps_per_epoch * grad_accum  # leftover micro-batches that make no full step are dropped
+    loss_sum, count, skipped = 0.0, 0, 0
+    interrupted = False
+    lr = optimizer.param_groups[0]['lr']
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=last_batch, initial=batches_done, desc=f'epoch {epoch}', dynamic_ncols=True,
+                   mininterval=1.0, leave=False)
+    start = time.perf_counter()
+    bad_group = False
+    batch_idx = batches_done
+    optimizer.zero_grad(set_to_none=True)
+    for images, target in loader:
+        if batch_idx >= last_batch:
+            break
+        images, target = _to_device(images, target, device, channels_last)
+        if mixup_fn is not None:
+            images, target = mixup_fn(images, target)
+        is_step = (batch_idx + 1) % grad_accum == 0
+        sync = contextlib.nullcontext() if (is_step or not is_ddp) else model.no_sync()
+        with sync:
+            with autocast(device, amp):
+                output = model(images)
+                loss = criterion(output, target)
+            if _test_fault(global_step + 1) == 'NAN':
+                loss = loss * float('nan')
+            flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0,
+                                  1.0 if (stop is not None and stop.requested) else 0.0], device=device)
+            flags = _reduce_max_flags(flags)
+            if flags[0] > 0:
+                where = (f'non-finite loss ({loss.item()}) at epoch {epoch}, optimizer step {global_step + 1} '
+                         f'(micro-batch {batch_idx} of the epoch)')
+                if not skip_nonfinite:
+                    ckpt = last_checkpoint or 'none written yet'
+                    raise NonFiniteLossError(
+                        f'{where}. Stopping instead of training on NaNs. Last good checkpoint: {ckpt} (resume with '
+                        f'train.resume=auto, perhaps with a lower optimizer.lr or train.clip_grad=5.0; or set '
+                        f'train.skip_nonfinite=true to skip such steps)')
+                warnings.warn(f'{where}: skipping this optimizer step (train.skip_nonfinite=true)')
+                bad_group = True
+            else:
+                scaled = loss / grad_accum
+                if scaler is not None:
+                    scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+                n = images.shape[0]
+                loss_sum += loss.item() * n
+                count += n
+        batch_idx += 1
+        if is_step:
+            if bad_group:
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if clip_grad:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(unwrap_model(model), step=global_step + 1)
+            bad_group = False
+            lr = optimizer.param_groups[0]['lr']
+            scheduler.step()
+            global_step += 1
+            _test_fault(global_step)
+            if writer is not None and global_step % max(log_every, 1) == 0:
+                writer.add_scalar('train/loss_step', loss.item(), global_step)
+                writer.add_scalar('train/lr_step', lr, global_step)
+            if flags[1] > 0:  # SIGTERM seen by any process before this step: all stop here
+                interrupted = True
+                break
+        if bar is not None:
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss_sum / max(count, 1):.4f}', lr=f'{lr:.3g}',
+                            img_s=f'{count / max(elapsed, 1e-9):.1f}', refresh=False)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    loss_sum, count = reduce_sum([loss_sum, count], device)
+    return dict(loss=loss_sum / max(count, 1), images=int(count), time=elapsed,
+                img_per_sec=count / max(elapsed, 1e-9), lr=lr, global_step=global_step, batches_done=batch_idx,
+                interrupted=interrupted, skipped_steps=skipped)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: Optional[str] = None,
+             channels_last: bool = False, progress: bool = False) -> Dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (percent), images and img/s over ``loader``.
+
+    Sums are reduced across processes when a process group is running, so with an
+    :class:`rednet.data.EvalSampler` every image counts exactly once.
+    """
+    model.eval()
+    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    it = loader
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(loader, desc='eval', dynamic_ncols=True, mininterval=1.0, leave=False)
+    start = time.perf_counter()
+    for images, target in it:
+        images, target = _to_device(images, target, device, channels_last)
+        with autocast(device, amp):
+            output = model(images)
+        output = output.float()
+        loss_sum += F.cross_entropy(output, target, reduction='sum').item()
+        c1, c5 = accuracy(output, target, (1, 5))
+        top1, top5, count = top1 + c1, top5 + c5, count + images.shape[0]
+    elapsed = time.perf_counter() - start
+    loss_sum, top1, top5, count, elapsed = reduce_sum([loss_sum, top1, top5, count, elapsed], device)
+    world = dist.get_world_size() if _dist_on() else 1
+    elapsed /= world  # mean time of the processes, which ran in parallel
+    n = max(count, 1)
+    return dict(loss=loss_sum / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=int(count),
+                img_per_sec=count / max(elapsed, 1e-9), time=elapsed)
