@@ -15,7 +15,7 @@ import tempfile
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .model import DEPTHS
 
-__all__ = ['load_model', 'load_weights', 'read_checkpoint', 'convert_state_dict', 'infer_model_args',
+__all__ = ['Checkpoint', 'load_model', 'model_from_checkpoint', 'load_weights', 'read_checkpoint', 'convert_state_dict', 'infer_model_args',
            'load_state_dict_strict', 'save_released', 'convert_checkpoint', 'CheckpointError']
 
 # what a released safetensors file carries about its data pipeline (timm pretrained_cfg keys)
@@ -97,27 +97,41 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, st
         return {k: f.get_tensor(k) for k in f.keys()}, metadata
 
 
-def _read_release_cfg(path: PathLike) -> Dict[str, Any]:
-    """The data-pipeline metadata of a released safetensors file ({} for other formats)."""
-    if Path(path).suffix != '.safetensors':
-        return {}
-    return json.loads(_read_safetensors(Path(path))[1].get('pretrained_cfg', '{}'))
+class Checkpoint(NamedTuple):
+    """What a checkpoint file says: weights in this project's keys, the architecture, its arguments, and the
+    data pipeline the weights expect (timm ``pretrained_cfg`` keys; empty when the file does not say)."""
+    state_dict: Dict[str, torch.Tensor]
+    arch: str
+    model_args: Dict[str, Any]
+    pretrained_cfg: Dict[str, Any]
 
 
-def read_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[str], Dict[str, Any]]:
-    """Read any supported file: returns (state dict in this project's keys, arch name or None, model args).
+def _data_cfg_to_pretrained_cfg(data: Dict[str, Any], in_chans: int) -> Dict[str, Any]:
+    """A training run's data config (``configs/data/*.yaml``) -> timm ``pretrained_cfg`` keys."""
+    cfg = {}
+    if data.get('img_size'):
+        cfg['input_size'] = (in_chans, int(data['img_size']), int(data['img_size']))
+    for key in ('crop_pct', 'interpolation', 'mean', 'std'):
+        if data.get(key) is not None:
+            cfg[key] = tuple(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
+    return cfg
 
-    ``arch`` and model args come from our own metadata when present; otherwise they are inferred from the
+
+def read_checkpoint(path: PathLike) -> Checkpoint:
+    """Read any supported file, safely.
+
+    ``arch`` and model arguments come from our own metadata when present; otherwise they are inferred from the
     tensors (depth from the block counts, stem kernel from the stem involution, classes from the head).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint not found: {path}')
-    arch, model_args = None, {}
+    arch, model_args, pretrained_cfg = None, {}, {}
     if path.suffix == '.safetensors':
         state_dict, metadata = _read_safetensors(path)
         arch = metadata.get('arch')
         model_args = json.loads(metadata.get('model_args', '{}'))
+        pretrained_cfg = json.loads(metadata.get('pretrained_cfg', '{}'))
     elif path.suffix == '.pdparams':
         state_dict = _read_pdparams(path)
     else:
@@ -127,6 +141,11 @@ def read_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[s
         if 'model' in obj and 'arch' in obj:  # rednet training checkpoint
             arch, model_args = obj['arch'], dict(obj.get('model_args') or {})
             state_dict = obj['model']
+            config = obj.get('config') or {}
+            if isinstance(config, str):
+                import yaml
+                config = yaml.safe_load(config) or {}
+            pretrained_cfg = _data_cfg_to_pretrained_cfg(config.get('data') or {}, model_args.get('in_chans', 3))
         elif 'state_dict' in obj:  # mmcv save_checkpoint
             state_dict = obj['state_dict']
         else:
@@ -136,7 +155,7 @@ def read_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[s
     if arch is None:
         arch = f'rednet{inferred.pop("depth")}'
         model_args = {**inferred, **model_args}
-    return state_dict, arch, model_args
+    return Checkpoint(state_dict, arch, model_args, pretrained_cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +275,7 @@ def convert_state_dict(state_dict: Dict[str, Any], model: nn.Module, source: str
 
 def load_weights(model: nn.Module, path: PathLike) -> None:
     """Load any supported file into an existing model (the head is kept fresh if class counts differ)."""
-    state_dict, _, file_args = read_checkpoint(path)
+    state_dict, _, file_args, _ = read_checkpoint(path)
     state_dict = convert_state_dict(state_dict, model, str(path), file_args)
     head_missing = not any(k.startswith('fc.') for k in state_dict)
     if head_missing and model.num_classes:
@@ -273,16 +292,19 @@ def load_model(path: PathLike, **overrides: Any) -> nn.Module:
         **overrides: model arguments that replace the file's (e.g. ``num_classes`` for a new head,
             ``involution_backend``). A different ``num_classes`` keeps the backbone and starts a new head.
     """
+    return model_from_checkpoint(read_checkpoint(path), str(path), **overrides)
+
+
+def model_from_checkpoint(ckpt: Checkpoint, source: str = 'checkpoint', **overrides: Any) -> nn.Module:
+    """:func:`load_model` for a checkpoint already read with :func:`read_checkpoint`."""
     import timm
-    state_dict, arch, model_args = read_checkpoint(path)
-    model_args = {**model_args, **overrides}
-    model = timm.create_model(arch, **model_args)
-    state_dict = convert_state_dict(state_dict, model, str(path), model_args)
+    model = timm.create_model(ckpt.arch, **{**ckpt.model_args, **overrides})
+    file_args = {k: v for k, v in ckpt.model_args.items() if k not in overrides}
+    state_dict = convert_state_dict(ckpt.state_dict, model, source, file_args)
     head_missing = not any(k.startswith('fc.') for k in state_dict)
-    load_state_dict_strict(model, state_dict, str(path), allow_missing_head=head_missing)
-    release_cfg = _read_release_cfg(path)
-    if release_cfg and release_cfg.get('num_classes') == model.num_classes:
-        model.pretrained_cfg = {**model.pretrained_cfg, **release_cfg}
+    load_state_dict_strict(model, state_dict, source, allow_missing_head=head_missing)
+    if not head_missing:  # the data pipeline of the file's classifier
+        model.pretrained_cfg = {**model.pretrained_cfg, **ckpt.pretrained_cfg}
     return model
 
 
@@ -317,7 +339,7 @@ def save_released(model: nn.Module, path: PathLike, arch: str, model_args: Dict[
 
 def convert_checkpoint(src: PathLike, dst: PathLike, **cfg_overrides: Any) -> nn.Module:
     """Any supported checkpoint (official, PaddleClas, ours) -> our released safetensors file."""
-    _, arch, model_args = read_checkpoint(src)
-    model = load_model(src)
-    save_released(model, dst, arch, model_args, **cfg_overrides)
+    ckpt = read_checkpoint(src)
+    model = model_from_checkpoint(ckpt, str(src))
+    save_released(model, dst, ckpt.arch, ckpt.model_args, **{**ckpt.pretrained_cfg, **cfg_overrides})
     return model

@@ -158,3 +158,16 @@ def test_not_a_rednet_file(tmp_path):
         rednet.load_model(path)
     with pytest.raises(FileNotFoundError, match='checkpoint not found'):
         rednet.load_model(tmp_path / 'nope.pth')
+
+
+def test_new_head_override_keeps_backbone(tmp_path):
+    model = timm.create_model('rednet26', num_classes=10, small_input=True)
+    path = tmp_path / 'last.pt'
+    torch.save({'model': model.state_dict(), 'arch': 'rednet26',
+                'model_args': {'num_classes': 10, 'small_input': True},
+                'config': {'data': {'img_size': 32, 'mean': [0.5] * 3, 'std': [0.25] * 3, 'crop_pct': 1.0}}}, path)
+    loaded = rednet.load_model(path)
+    assert loaded.pretrained_cfg['input_size'] == (3, 32, 32) and loaded.pretrained_cfg['std'] == (0.25,) * 3
+    finetune = rednet.load_model(path, num_classes=3)
+    assert finetune.fc.out_features == 3 and finetune.small_input
+    torch.testing.assert_close(finetune.layer2[0].inv.span.weight, model.layer2[0].inv.span.weight)
