@@ -1,0 +1,255 @@
+"""Involution backends against the unfold reference: forward, both gradients, layouts, autocast, compile, errors.
+
+The Triton kernels are tested under the Triton interpreter in ``test_ops_triton.py``.
+"""
+import pytest
+import torch
+
+import rednet  # noqa: F401  (registers the models with timm)
+from rednet.ops import BACKENDS, involution, involution_reference, output_size, resolve_backend
+from rednet.ops import native as native_mod
+
+# (N, C, H, W, G, K, stride, dilation, padding or None for "same")
+CASES = [
+    (2, 8, 7, 9, 2, 3, 1, 1, None),
+    (2, 8, 7, 9, 2, 5, 2, 1, None),
+    (2, 8, 13, 11, 4, 7, 2, 1, None),  # odd sizes with stride 2
+    (2, 16, 13, 11, 1, 7, 2, 1, None),
+    (1, 12, 12, 12, 3, 7, 2, 1, None),  # even sizes with stride 2 (the RedNet case)
+    (2, 6, 10, 8, 3, 5, 1, 2, None),  # dilation 2
+    (1, 8, 11, 9, 2, 3, 2, 2, None),  # dilation 2 with stride 2
+    (1, 4, 8, 8, 1, 3, 2, 1, 0),  # no padding: the last row/column of x is never read
+    (1, 4, 10, 7, 2, 3, 3, 1, 1),  # stride 3
+    (3, 32, 6, 5, 2, 7, 1, 1, None),  # kernel larger than the image
+    (1, 4, 9, 9, 4, 5, 2, 1, 0),
+]
+
+
+def _ids(case):
+    n, c, h, w, g, k, s, d, p = case
+    return f'n{n}c{c}_{h}x{w}_g{g}_k{k}_s{s}_d{d}' + ('' if p is None else f'_p{p}')
+
+
+def _make(case, dtype=torch.float64, seed=0):
+    n, c, h, w, g, k, s, d, p = case
+    p = d * (k - 1) // 2 if p is None else p
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = output_size(h, k, s, p, d), output_size(w, k, s, p, d)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    weight = torch.randn(n, g, k, k, ho, wo, generator=gen, dtype=dtype)
+    grad_out = torch.randn(n, c, ho, wo, generator=gen, dtype=dtype)
+    return x, weight, grad_out, dict(stride=s, padding=p, dilation=d)
+
+
+def _run(x, weight, grad_out, kw, backend, x_transform=None, w_transform=None):
+    x = x.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    xin = x_transform(x) if x_transform else x
+    win = w_transform(weight) if w_transform else weight
+    out = involution(xin, win, backend=backend, **kw)
+    gx, gw = torch.autograd.grad(out, (x, weight), grad_out)
+    return out, gx, gw
+
+
+def _assert_close(got, want, **tol):
+    for a, b, name in zip(got, want, ('out', 'grad_x', 'grad_weight')):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, msg=lambda m: f'{name}: {m}', **tol)
+
+
+@pytest.mark.parametrize('case', CASES, ids=_ids)
+def test_native_matches_reference_float64(case):
+    x, weight, grad_out, kw = _make(case)
+    want = _run(x, weight, grad_out, kw, 'reference')
+    got = _run(x, weight, grad_out, kw, 'native')
+    _assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('case', CASES[:6], ids=_ids)
+def test_functional_path_matches_reference(case):
+    # the compile/export formulation, forward and backward, called directly
+    x, weight, grad_out, kw = _make(case)
+    want = _run(x, weight, grad_out, kw, 'reference')
+    out = native_mod.involution_functional(x, weight, kw['stride'], kw['padding'], kw['dilation'])
+    n, c, h, w = x.shape
+    _, g, k, _, ho, wo = weight.shape
+    geo = native_mod._Geometry(h, w, k, kw['stride'], kw['padding'], kw['dilation'], ho, wo)
+    gx, gw = native_mod._backward_functional(x, weight, grad_out, geo, True, True)
+    _assert_close((out, gx, gw), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('size', [(5, 6), (7, 7)])
+def test_native_gradcheck(stride, size):
+    x, weight, _, kw = _make((2, 4, size[0], size[1], 2, 3, stride, 1, None))
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: involution(a, b, backend='native', **kw), (x, weight))
+
+
+def test_native_stride2_gradients_hard():
+    # stride-2 gradients for every parity of size and many shapes: where hand-written kernels broke
+    for h in range(5, 12):
+        for w in (6, 9):
+            for k in (3, 7):
+                case = (1, 4, h, w, 2, k, 2, 1, None)
+                x, weight, grad_out, kw = _make(case, seed=h * 100 + w + k)
+                want = _run(x, weight, grad_out, kw, 'reference')
+                got = _run(x, weight, grad_out, kw, 'native')
+                _assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_native_channels_last_and_noncontiguous():
+    case = (2, 16, 13, 11, 4, 7, 2, 1, None)
+    x, weight, grad_out, kw = _make(case)
+    want = _run(x, weight, grad_out, kw, 'reference')
+    # channels_last input
+    got = _run(x, weight, grad_out, kw, 'native', x_transform=lambda t: t.to(memory_format=torch.channels_last))
+    _assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    # non-contiguous (transposed-storage) views for x, weight and grad_out: same values, odd strides
+    got = _run(x, weight, grad_out.transpose(2, 3).contiguous().transpose(2, 3), kw, 'native',
+               x_transform=lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+               w_transform=lambda t: t.permute(0, 1, 3, 2, 4, 5).contiguous().permute(0, 1, 3, 2, 4, 5))
+    _assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # a sliced (strided) input: every other channel
+    xs = torch.randn(2, 32, 13, 11, dtype=torch.float64)[:, ::2]
+    assert not xs.is_contiguous()
+    torch.testing.assert_close(involution(xs, weight, backend='native', **kw),
+                               involution(xs.contiguous(), weight, backend='reference', **kw))
+
+
+def test_native_only_one_input_requires_grad():
+    x, weight, grad_out, kw = _make(CASES[2])
+    want = _run(x, weight, grad_out, kw, 'reference')
+    xg = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(involution(xg, weight, backend='native', **kw), (xg,), grad_out)
+    torch.testing.assert_close(gx, want[1])
+    wg = weight.clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(involution(x, wg, backend='native', **kw), (wg,), grad_out)
+    torch.testing.assert_close(gw, want[2])
+
+
+def test_native_small_chunks(monkeypatch):
+    # force many (sample, group) chunks, including splits inside a sample
+    monkeypatch.setattr(native_mod, '_CHUNK_BYTES', 1)
+    monkeypatch.setattr(native_mod, '_MIN_CHUNK_BYTES', 1)
+    for case in (CASES[2], CASES[7], (3, 12, 9, 8, 3, 3, 1, 1, None)):
+        x, weight, grad_out, kw = _make(case)
+        want = _run(x, weight, grad_out, kw, 'reference')
+        _assert_close(_run(x, weight, grad_out, kw, 'native'), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_native_low_precision(dtype):
+    x, weight, grad_out, kw = _make((2, 32, 14, 13, 2, 7, 2, 1, None))
+    want = _run(x, weight, grad_out, kw, 'reference')
+    got = _run(x.to(dtype), weight.to(dtype), grad_out.to(dtype), kw, 'native')
+    assert all(t.dtype == dtype for t in got)
+    # float32 accumulation: error of the order of the rounding of inputs/outputs, not of 49-term bf16 sums
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 4e-3}[dtype]
+    for a, b in zip(got, want):
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < tol, (dtype, err.item())
+
+
+def test_native_autocast_bf16_cpu():
+    x, weight, grad_out, kw = _make((2, 32, 14, 14, 2, 7, 1, 1, None), dtype=torch.float32)
+    want = _run(x.double(), weight.double(), grad_out.double(), kw, 'reference')
+    x32 = x.clone().requires_grad_(True)
+    w32 = weight.clone().requires_grad_(True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = involution(x32, w32, backend='native', **kw)
+    assert out.dtype == torch.bfloat16
+    out.backward(grad_out.to(torch.bfloat16))
+    assert x32.grad.dtype == torch.float32 and w32.grad.dtype == torch.float32
+    for a, b in zip((out, x32.grad, w32.grad), want):
+        assert ((a.double() - b).abs().max() / b.abs().max()) < 4e-2
+    # mixed input dtypes are fine under autocast (cast like a convolution)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out2 = involution(x, weight.to(torch.bfloat16), backend='native', **kw)
+    torch.testing.assert_close(out2, out.detach())
+
+
+def test_auto_backend_on_cpu_is_native():
+    x, weight, grad_out, kw = _make(CASES[0])
+    assert resolve_backend('auto', x) == 'native'
+    assert set(BACKENDS) >= {'auto', 'reference', 'native', 'triton'}
+    want = _run(x, weight, grad_out, kw, 'native')
+    _assert_close(_run(x, weight, grad_out, kw, 'auto'), want, rtol=0, atol=0)
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    x, weight, grad_out, kw = _make((2, 8, 9, 7, 2, 3, 2, 1, None), dtype=torch.float32)
+    want = _run(x, weight, grad_out, kw, 'reference')
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b: involution(a, b, backend='native', **kw), fullgraph=True, backend='aot_eager')
+    got = _run(x, weight, grad_out, kw, 'native')  # warm eager result for comparison
+    xc = x.clone().requires_grad_(True)
+    wc = weight.clone().requires_grad_(True)
+    out = fn(xc, wc)
+    gx, gw = torch.autograd.grad(out, (xc, wc), grad_out)
+    _assert_close((out, gx, gw), want, rtol=1e-4, atol=1e-4)
+    _assert_close((out, gx, gw), got, rtol=1e-4, atol=1e-4)
+    # the auto backend compiles too
+    fn_auto = torch.compile(lambda a, b: involution(a, b, **kw), fullgraph=True, backend='aot_eager')
+    torch.testing.assert_close(fn_auto(x, weight), want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_whole_model_native_matches_reference():
+    import timm
+    torch.manual_seed(0)
+    ref = timm.create_model('rednet26', involution_backend='reference', num_classes=10).double()
+    nat = timm.create_model('rednet26', involution_backend='native', num_classes=10).double()
+    for mod in ref.modules():  # non-zero last BN so that every involution contributes to the output
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
+    nat.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 72, 88, dtype=torch.float64)  # stride-2 stages see odd and even sizes
+    outs, grads = [], []
+    for m in (ref, nat):
+        m.train()
+        out = m(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-7, atol=1e-9, msg=lambda m: f'{k}: {m}')
+    # set_involution_backend switches the whole model
+    nat.set_involution_backend('reference')
+    nat.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(nat(x), ref(x))
+
+
+def test_errors_are_clear():
+    x, weight, _, kw = _make(CASES[0])
+    with pytest.raises(ValueError, match='unknown backend'):
+        involution(x, weight, backend='cuda_magic', **kw)
+    with pytest.raises(ValueError, match=r'\(N, C, H, W\)'):
+        involution(x[0], weight, backend='native', **kw)
+    with pytest.raises(ValueError, match='weight must be'):
+        involution(x, weight[0], backend='native', **kw)
+    with pytest.raises(ValueError, match='does not match the output size'):
+        involution(x, weight, backend='native', stride=2)
+    with pytest.raises(ValueError, match='divisible'):
+        involution(x[:, :7], weight, backend='native', **kw)
+    with pytest.raises(ValueError, match='batch'):
+        involution(x[:1], weight, backend='native', **kw)
+    with pytest.raises(ValueError, match='dtype'):
+        involution(x, weight.float(), backend='native', **kw)
+
+
+def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    x, weight, _, kw = _make(CASES[0], dtype=torch.float32)
+    with pytest.raises(ValueError, match='triton backend cannot run'):
+        involution(x, weight, backend='triton', **kw)
+    from rednet.ops import triton_kernels
+    ok, why = triton_kernels.supports(x)
+    assert not ok and 'TRITON_INTERPRET' in why
+    ok, why = triton_kernels.supports(x.to(torch.int32))
+    assert not ok
