@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) train.py model=rednet26_small data=digits
+	$(PY) train.py model=rednet26 data=digits
 
 test: setup
 	$(PY) -m pytest -q
