@@ -82,12 +82,12 @@ def validate_config(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # 2. processes, devices, run directory
 
-def setup(cfg: DictConfig) -> Tuple[engine.DistInfo, Path]:
+def setup(cfg: DictConfig, run_dir: Optional[str] = None) -> Tuple[engine.DistInfo, Path]:
     info = engine.setup_distributed(cfg.train.device, cfg.train.dist_backend)
     if cfg.train.amp == 'fp16' and info.device.type != 'cuda':
         raise ConfigError('train.amp=fp16 needs CUDA; on CPU use train.amp=bf16 or null')
     # all processes use rank 0's run directory (hydra.run.dir may contain ${now:...})
-    run_dir = Path(engine.broadcast_object(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(engine.broadcast_object(run_dir or HydraConfig.get().runtime.output_dir))
     engine.set_deterministic(cfg.train.deterministic)
     engine.seed_everything(cfg.train.seed + info.rank)
     return info, run_dir
@@ -308,9 +308,10 @@ def log_epoch(writer, metrics_path: Optional[Path], m: Dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # 8. the run
 
-def train(cfg: DictConfig) -> Dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
+    """The whole run; ``run_dir`` defaults to Hydra's run directory (``hydra.run.dir``)."""
     validate_config(cfg)
-    info, run_dir = setup(cfg)
+    info, run_dir = setup(cfg, run_dir)
     ckpt_dir = run_dir / 'checkpoints'
     train_loader, val_loader, num_classes = build_data(cfg, info)
     model, wrapped, arch, model_args = build_model(cfg, num_classes, info)

@@ -266,12 +266,13 @@ def _cifar(cfg: Any, train: bool, transform: Callable) -> Dataset:
     url = cls.url
     try:
         return cls(root, train=train, transform=transform, download=False)
-    except RuntimeError:
-        pass  # not there (or corrupted)
+    except RuntimeError as e:  # not there, or corrupted
+        reason = str(e)
     where = (f'download {url} and extract it into {root} so that {os.path.join(root, folder)}/ holds the '
              f'batch files, or set data.root=PATH to where they are')
     if not _get(cfg, 'download', True):
-        raise DataError(f'{name} not found under {os.path.join(root, folder)} and data.download=false: {where}')
+        raise DataError(f'{name} not found under {os.path.join(root, folder)} ({reason}) and '
+                        f'data.download=false: {where}')
     try:
         return cls(root, train=train, transform=transform, download=True)
     except Exception as e:  # no network, proxy, disk ...

@@ -1,0 +1,37 @@
+"""Shared helpers of the training tests: compose configs in-process, run train.py as a subprocess."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = str(REPO / 'configs')
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# a tiny, fast run: RedNet-26 with the small stem on 16x16 synthetic images with random crops and flips
+TINY = ['model=rednet26', 'model.involution_backend=native', 'data=synthetic', 'data.img_size=16',
+        'data.train_size=64', 'data.val_size=24', 'data.train_crop=pad', 'data.crop_padding=2', 'data.hflip=0.5',
+        'train.batch_size=16', 'train.epochs=2', 'train.progress=false', 'train.deterministic=true']
+
+
+def compose(overrides: Optional[List[str]] = None):
+    """The composed config ``train.py`` would see for these command-line overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from rednet.train_config import register_schema
+    register_schema()
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return hydra_compose(config_name='train', overrides=list(overrides or []))
+
+
+def run_train(args: List[str], env: Optional[dict] = None, torchrun: int = 0, timeout: int = 300):
+    """Run ``train.py`` (or ``torchrun --nproc_per_node=N train.py``) from the repository root."""
+    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
+    full_env.pop('_REDNET_FAULT', None) if not env or '_REDNET_FAULT' not in env else None
+    if torchrun:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',
+               'train.py', *args]
+    else:
+        cmd = [sys.executable, 'train.py', *args]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,193 @@
+"""The training loop end to end on tiny data: logs, checkpoints, exact resume after SIGKILL, SIGTERM,
+non-finite losses, atomic saves, 2-process gloo DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from _train_utils import REPO, TINY, compose, run_train
+
+import train  # noqa: E402
+from rednet import engine
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_end_to_end_in_process(tmp_path):
+    import rednet
+    run_dir = tmp_path / 'run'
+    cfg = compose(TINY)
+    result = train.train(cfg, run_dir=str(run_dir))
+    assert not result['interrupted']
+    rows = _metrics(run_dir)
+    assert [r['epoch'] for r in rows] == [0, 1]
+    for r in rows:
+        for key in ('epoch', 'train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr', 'img_per_sec'):
+            assert r[key] is not None, key
+        assert 0 <= r['val_top1'] <= r['val_top5'] <= 100 and r['val_images'] == 24
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(run_dir / 'tb'))
+    last = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    for key in ('model', 'arch', 'model_args', 'optimizer', 'scheduler', 'scaler', 'ema', 'epoch', 'step', 'rng',
+                'config'):
+        assert key in last, key
+    assert last['arch'] == 'rednet26' and last['epoch'] == 1 and last['step'] == 8
+    assert last['model_args'] == {'num_classes': 10, 'in_chans': 3, 'small_input': True, 'stem_kernel_size': 3}
+    assert last['config']['train']['epochs'] == 2 and isinstance(last['rng'][0]['torch'], torch.Tensor)
+    assert (run_dir / 'checkpoints' / 'best.pt').is_file()
+    # rednet.load_model reads our checkpoints and gives the same outputs
+    model = rednet.load_model(run_dir / 'checkpoints' / 'last.pt', involution_backend='native').eval()
+    ref, _, _, _ = train.build_model(cfg, 10, engine.DistInfo())
+    ref.load_state_dict(last['model'])
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model(x), ref.eval()(x))
+    assert not [f for f in os.listdir(run_dir / 'checkpoints') if f.startswith('.')]  # no temporary files left
+
+
+def test_departures_run(tmp_path):
+    """Mixup + CutMix, EMA, clipping, per-step cosine, no wd on BN/bias, gradient accumulation in one run."""
+    run_dir = tmp_path / 'run'
+    cfg = compose(TINY + ['train.epochs=1', 'train.mixup=0.2', 'train.cutmix=1.0', 'train.ema=true',
+                          'train.ema_decay=0.5', 'train.clip_grad=1.0', 'schedule.per_step=true',
+                          'optimizer.no_wd_norm_bias=true', 'train.grad_accum=2', 'train.batch_size=8'])
+    train.train(cfg, run_dir=str(run_dir))
+    row = _metrics(run_dir)[0]
+    assert row['val_top1_ema'] is not None and row['step'] == 4  # 64 images / (8 x 2)
+    last = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert last['ema'] is not None
+    assert not all(torch.equal(last['ema'][k], last['model'][k]) for k in last['model'])
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    """The reference run: 2 epochs, no interruption, with a data-loader worker and random augmentation."""
+    run_dir = tmp_path_factory.mktemp('ref') / 'run'
+    r = run_train(TINY + ['data.workers=1', f'hydra.run.dir={run_dir}'])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted):
+    run_dir = tmp_path / 'run'
+    args = TINY + ['data.workers=1', f'hydra.run.dir={run_dir}']
+    # killed with SIGKILL in epoch 1 (after 6 of 8 steps; epoch 0's checkpoint was written)
+    r = run_train(args, env={'_REDNET_FAULT': 'KILL@6'})
+    assert r.returncode == -signal.SIGKILL
+    killed = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert killed['epoch'] == 0 and killed['step'] == 4
+    r = run_train(args + ['train.resume=auto'])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'resumed from' in r.stdout
+    a = torch.load(uninterrupted / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    b = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    _assert_same_weights(a['model'], b['model'])
+    assert a['step'] == b['step'] == 8
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.equal(sa['momentum_buffer'], sb['momentum_buffer'])
+    assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1]
+    assert _metrics(run_dir)[1]['val_loss'] == _metrics(uninterrupted)[1]['val_loss']
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
+    run_dir = tmp_path / 'run'
+    args = TINY + [f'hydra.run.dir={run_dir}']
+    r = run_train(args, env={'_REDNET_FAULT': 'TERM@2'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'SIGTERM' in r.stdout
+    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 0 and not ckpt['epoch_complete'] and ckpt['step'] == 3 and ckpt['batches_done'] == 3
+    assert not (run_dir / 'metrics.jsonl').read_text().strip()  # no epoch finished
+    r = run_train(args + ['train.resume=auto'])
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert done['epoch'] == 1 and done['epoch_complete'] and done['step'] == 8
+    assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1]
+    # without loader workers, even a mid-epoch stop resumes exactly
+    ref = torch.load(uninterrupted / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert done['step'] == ref['step']
+
+
+def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
+    run_dir = tmp_path / 'run'
+    monkeypatch.setenv('_REDNET_FAULT', 'NAN@6')
+    with pytest.raises(engine.NonFiniteLossError) as e:
+        train.train(compose(TINY), run_dir=str(run_dir))
+    msg = str(e.value)
+    assert 'optimizer step 6' in msg and 'epoch 1' in msg
+    assert str(run_dir / 'checkpoints' / 'last.pt') in msg
+    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 0 and all(torch.isfinite(v).all() for v in ckpt['model'].values()
+                                      if v.is_floating_point())
+
+
+def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
+    run_dir = tmp_path / 'run'
+    monkeypatch.setenv('_REDNET_FAULT', 'NAN@2')
+    with pytest.warns(UserWarning, match='non-finite loss.*skipping'):
+        train.train(compose(TINY + ['train.skip_nonfinite=true', 'train.epochs=1']), run_dir=str(run_dir))
+    row = _metrics(run_dir)[0]
+    assert row['skipped_steps'] == 1 and row['step'] == 4
+    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / 'ck' / 'last.pt'
+    engine.atomic_save({'x': torch.arange(4)}, str(path))
+
+    def broken_save(obj, f):
+        f.write(b'partial garbage')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError):
+        engine.atomic_save({'x': torch.zeros(4)}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)['x'], torch.arange(4))
+    assert os.listdir(path.parent) == ['last.pt']
+    engine.atomic_link_or_copy(str(path), str(tmp_path / 'ck' / 'best.pt'))
+    engine.atomic_save({'x': torch.ones(4)}, str(path))  # best.pt keeps the old contents
+    assert torch.equal(torch.load(tmp_path / 'ck' / 'best.pt', weights_only=True)['x'], torch.arange(4))
+
+
+def test_sigkill_during_save_leaves_a_loadable_file(tmp_path):
+    path = tmp_path / 'last.pt'
+    code = (f'import torch, sys; sys.path.insert(0, {str(REPO)!r}); from rednet.engine import atomic_save\n'
+            f'i = 0\n'
+            f'while True:\n'
+            f'    atomic_save({{"i": i, "x": torch.full((4_000_000,), float(i))}}, {str(path)!r}); i += 1\n')
+    p = subprocess.Popen([sys.executable, '-c', code])
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    obj = torch.load(path, weights_only=True)
+    assert torch.equal(obj['x'], torch.full((4_000_000,), float(obj['i'])))
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    run_dir = tmp_path / 'run'
+    r = run_train(TINY + ['train.epochs=1', 'data.val_size=23', f'hydra.run.dir={run_dir}'], torchrun=2)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert r.stdout.count('epoch 0: train_loss') == 1  # only rank 0 logs
+    row = _metrics(run_dir)[0]
+    assert row['val_images'] == 23  # every validation image counted once across the 2 processes
+    assert row['step'] == 2  # 64 images / (16 per process x 2 processes)
+    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ckpt['world_size'] == 2 and len(ckpt['rng']) == 2
+    assert not any(k.startswith('module.') for k in ckpt['model'])
+    assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
+    assert 'global batch 32' in r.stdout
