@@ -1,0 +1,256 @@
+"""Benchmark the involution backends and whole RedNets against ResNets, side by side in one run.
+
+Prints markdown tables:
+1. the operator at the RedNet-50 stage shapes (batch 8, 224 input, K=7, G=C/16), forward and forward+backward
+   per backend: median time, peak workspace (memory allocated beyond the output / output and the two
+   gradients, i.e. what the operator itself needs), and speedup vs ``reference``;
+2. whole models: one SGD training step and one inference pass (eval mode, no grad) for RedNet-26/50 per
+   backend against torchvision ResNet-50 and timm ResNet-26 (a ResNet of RedNet-26's depth): img/s, peak
+   memory allocated during the step, and ratios vs ResNet-50.
+
+Repeats are interleaved round-robin across the compared variants, so background load hits all of them alike;
+ratios from one run are what count. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak
+of the allocation trace of ``torch.profiler`` (``profile_memory=True``) on CPU, both relative to what was
+allocated before the measured call.
+
+    python scripts/benchmark.py                       # CPU, float32, everything (a few minutes on 2 cores)
+    python scripts/benchmark.py --ops-only --repeats 10
+    python scripts/benchmark.py --device cuda --dtype bfloat16 --backends native,triton,reference
+    python scripts/benchmark.py --models-only --models rednet50,resnet50 --compile
+"""
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+import rednet  # noqa: E402,F401  (registers the RedNets with timm)
+from rednet.ops import involution, output_size  # noqa: E402
+
+# (N, C, H=W, stride): the involutions of RedNet-50 at 224x224, batch 8 (the stage shapes, plus the stride-2
+# first block of stage 2)
+OP_SHAPES = [(8, 64, 56, 1), (8, 128, 56, 2), (8, 128, 28, 1), (8, 256, 14, 1), (8, 512, 7, 1)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated when it started (result kept)."""
+    gc.collect()
+    if device.type == 'cuda':
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                        warmup: int = 1) -> Dict[str, float]:
+    """Median seconds per call of each fn, the repeats interleaved round-robin."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for k, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fmt_mb(b: float) -> str:
+    return f'{b / 2 ** 20:.1f}'
+
+
+def bench_ops(args, device, dtype, backends) -> None:
+    print(f'\n### Involution operator, K=7, G=C/16, {dtype_name(dtype)}, {device_desc(device)}\n')
+    print('| shape (N, C, H=W), stride | backend | forward ms | fwd+bwd ms | fwd speedup | fwd+bwd speedup '
+          '| fwd workspace MB | fwd+bwd workspace MB | fwd+bwd workspace / input |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    k = 7
+    for n, c, h, s in OP_SHAPES:
+        g = c // 16
+        ho = output_size(h, k, s, (k - 1) // 2, 1)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(n, c, h, h, generator=gen).to(device, dtype).requires_grad_(True)
+        w = (torch.randn(n, g, k, k, ho, ho, generator=gen) * 0.1).to(device, dtype).requires_grad_(True)
+        go = torch.randn(n, c, ho, ho, generator=gen).to(device, dtype)
+        in_bytes = x.numel() * x.element_size()
+        out_bytes = go.numel() * go.element_size()
+        grads_bytes = in_bytes + w.numel() * w.element_size()
+
+        def fwd(b):
+            with torch.no_grad():
+                return involution(x, w, stride=s, backend=b)
+
+        def fwd_bwd(b):
+            out = involution(x, w, stride=s, backend=b)
+            return torch.autograd.grad(out, (x, w), go), out
+
+        usable = []
+        for b in backends:
+            try:
+                fwd(b)
+                usable.append(b)
+            except (ValueError, RuntimeError) as e:
+                print(f'| {(n, c, h)}, {s} | {b} | n/a: {str(e)[:80]} | | | | | | |')
+        f_times = interleaved_medians({b: (lambda b=b: fwd(b)) for b in usable}, args.repeats, device)
+        fb_times = interleaved_medians({b: (lambda b=b: fwd_bwd(b)) for b in usable}, args.repeats, device)
+        ref_f, ref_fb = f_times.get('reference'), fb_times.get('reference')
+        for b in usable:
+            ws_f = peak_bytes(lambda: fwd(b), device) - out_bytes
+            ws_fb = peak_bytes(lambda: fwd_bwd(b), device) - out_bytes - grads_bytes
+            sp_f = f'{ref_f / f_times[b]:.1f}x' if ref_f else '-'
+            sp_fb = f'{ref_fb / fb_times[b]:.1f}x' if ref_fb else '-'
+            print(f'| {(n, c, h)}, {s} | {b} | {f_times[b] * 1e3:.1f} | {fb_times[b] * 1e3:.1f} | {sp_f} | {sp_fb} '
+                  f'| {fmt_mb(max(ws_f, 0))} | {fmt_mb(max(ws_fb, 0))} | {max(ws_fb, 0) / in_bytes:.2f} |',
+                  flush=True)
+        del x, w, go
+        gc.collect()
+
+
+def build_model(name: str, backend: str):
+    import timm
+    if name == 'resnet50':
+        import torchvision
+        return torchvision.models.resnet50()
+    if name.startswith('rednet'):
+        return timm.create_model(name, involution_backend=backend)
+    return timm.create_model(name)
+
+
+def bench_models(args, device, dtype, backends) -> None:
+    batch, size = args.batch, args.img_size
+    amp = dtype != torch.float32
+    mode = ('compiled' if args.compile else 'eager') + (f', autocast {dtype_name(dtype)}' if amp else ', float32') \
+        + (', channels_last' if args.channels_last else '')
+    print(f'\n### Whole models, batch {batch}, {size}x{size}, {mode}, {device_desc(device)}\n')
+    variants = []
+    for name in args.models.split(','):
+        if name.startswith('rednet'):
+            variants += [(name, b) for b in backends if b != 'auto']
+        else:
+            variants.append((name, None))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    if args.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    train_fns, infer_fns, labels = {}, {}, {}
+    for name, b in variants:
+        key = name if b is None else f'{name} ({b})'
+        model = build_model(name, b).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        fwd = torch.compile(model) if args.compile else model
+
+        def train_step(model=model, fwd=fwd, opt=opt):
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                loss = F.cross_entropy(fwd(x), y)
+            loss.backward()
+            opt.step()
+
+        def infer(model=model, fwd=fwd):
+            model.eval()
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+                return fwd(x)
+
+        try:
+            train_step()
+            infer()
+        except (ValueError, RuntimeError) as e:
+            print(f'(skipping {key}: {str(e)[:100]})')
+            continue
+        train_fns[key], infer_fns[key], labels[key] = train_step, infer, name
+    t_train = interleaved_medians(train_fns, args.model_repeats, device)
+    t_infer = interleaved_medians(infer_fns, args.model_repeats, device)
+    base = 'resnet50' if 'resnet50' in t_train else None
+    print('| model | train img/s | inference img/s | train vs ResNet-50 | inference vs ResNet-50 '
+          '| train peak MB | inference peak MB | train peak vs ResNet-50 |')
+    print('|---|---|---|---|---|---|---|---|')
+    peaks = {k: (peak_bytes(train_fns[k], device), peak_bytes(infer_fns[k], device)) for k in train_fns}
+    for k in train_fns:
+        tr, inf = batch / t_train[k], batch / t_infer[k]
+        r_tr = f'{t_train[base] / t_train[k]:.2f}' if base else '-'
+        r_inf = f'{t_infer[base] / t_infer[k]:.2f}' if base else '-'
+        r_mem = f'{peaks[k][0] / peaks[base][0]:.2f}' if base else '-'
+        print(f'| {k} | {tr:.2f} | {inf:.2f} | {r_tr} | {r_inf} | {fmt_mb(peaks[k][0])} | {fmt_mb(peaks[k][1])} '
+              f'| {r_mem} |', flush=True)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace('torch.', '')
+
+
+def device_desc(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'],
+                   help='operator inputs; for models: autocast dtype (float32 = no autocast)')
+    p.add_argument('--batch', type=int, default=8, help='batch of the model benchmark')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--models', default='resnet50,resnet26,rednet26,rednet50')
+    p.add_argument('--backends', default=None,
+                   help='comma-separated involution backends (default: reference,native and triton on CUDA)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the models (slow to compile on CPU)')
+    p.add_argument('--channels-last', action='store_true', help='models and inputs in channels_last')
+    p.add_argument('--repeats', type=int, default=5, help='timed repeats per operator measurement')
+    p.add_argument('--model-repeats', type=int, default=3, help='timed repeats per model measurement')
+    only = p.add_mutually_exclusive_group()
+    only.add_argument('--ops-only', action='store_true')
+    only.add_argument('--models-only', action='store_true')
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.backends:
+        backends = args.backends.split(',')
+    else:
+        backends = ['reference', 'native'] + (['triton'] if device.type == 'cuda' else [])
+    print(f'torch {torch.__version__}, {device_desc(device)}, dtype {args.dtype}, backends {",".join(backends)}')
+    if not args.models_only:
+        bench_ops(args, device, dtype, backends)
+    if not args.ops_only:
+        bench_models(args, device, dtype, backends)
+
+
+if __name__ == '__main__':
+    main()
