@@ -126,6 +126,34 @@ def _to_grid(buf: torch.Tensor, t: torch.Tensor, geo: _Geometry) -> torch.Tensor
     return buf
 
 
+def _x_tap_views(xq: torch.Tensor, geo: _Geometry) -> List[torch.Tensor]:
+    """Per tap, the (nb, gb, Cg, L) slice of the phase-plane buffer xq (nb, gb, Cg, P, flat) it reads."""
+    nb, gb, cg = xq.shape[:3]
+    st, base = xq.stride(), xq.storage_offset()
+    size, stride = (nb, gb, cg, geo.length), (st[0], st[1], st[2], 1)
+    return [xq.as_strided(size, stride, base + ph * st[3] + off) for ph, off in geo.taps]
+
+
+def _w_tap_views(wq: torch.Tensor, broadcast: bool) -> List[torch.Tensor]:
+    """Per tap, the slice of a kernel-map grid buffer wq (nb, gb, KK, L): (nb, gb, 1, L) or (nb, gb, L)."""
+    nb, gb, kk, length = wq.shape
+    st, base = wq.stride(), wq.storage_offset()
+    size, stride = ((nb, gb, 1, length), (st[0], st[1], 0, 1)) if broadcast else ((nb, gb, length), (st[0], st[1], 1))
+    return [wq.as_strided(size, stride, base + t * st[2]) for t in range(kk)]
+
+
+class _ViewCache:
+    """Tap views of the chunk buffers, built once per chunk shape (all chunks but the last share one)."""
+
+    def __init__(self, build):
+        self.build, self.cache = build, {}
+
+    def __call__(self, key):
+        if key not in self.cache:
+            self.cache[key] = self.build(*key)
+        return self.cache[key]
+
+
 def _forward_eager(x: torch.Tensor, weight: torch.Tensor, geo: _Geometry) -> torch.Tensor:
     n, c, _, _ = x.shape
     g, k = weight.shape[1], weight.shape[2]
@@ -143,17 +171,15 @@ def _forward_eager(x: torch.Tensor, weight: torch.Tensor, geo: _Geometry) -> tor
     xq_buf = torch.empty((nb, gb, cg, geo.phases, geo.flat), **opts)
     w_buf = torch.empty((nb, gb, kk, geo.length), **opts)
     o_buf = torch.empty((nb, gb, cg, geo.length), **opts)
+    views = _ViewCache(lambda a, b: (_x_tap_views(xq_buf[:a, :b], geo), _w_tap_views(w_buf[:a, :b], True)))
     for n0, n1, g0, g1 in plan:
         xq, wq, oq = xq_buf[:n1 - n0, :g1 - g0], w_buf[:n1 - n0, :g1 - g0], o_buf[:n1 - n0, :g1 - g0]
         _fill_phases(xq, xg[n0:n1, g0:g1], geo)
         _to_grid(wq, wg[n0:n1, g0:g1], geo)
-        wt = wq.unsqueeze(2)  # (nb, gb, 1, KK, L)
-        for t, (ph, off) in enumerate(geo.taps):
-            src = xq[:, :, :, ph, off:off + geo.length]
-            if t == 0:
-                torch.mul(src, wt[:, :, :, 0], out=oq)
-            else:
-                oq.addcmul_(src, wt[:, :, :, t])
+        xv, wv = views((n1 - n0, g1 - g0))
+        torch.mul(xv[0], wv[0], out=oq)
+        for t in range(1, kk):
+            oq.addcmul_(xv[t], wv[t])
         og[n0:n1, g0:g1].copy_(oq.unflatten(-1, (geo.h_out, geo.wq))[..., :geo.w_out])
     return out
 
@@ -180,25 +206,29 @@ def _backward_eager(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tenso
     w_buf = gwq_buf = torch.empty((nb, gb, kk, geo.length), **opts)
     gxq_buf = xq_buf = torch.empty((nb, gb, cg, geo.phases, geo.flat), **opts)
     tmp_buf = torch.empty((nb, gb, cg, geo.length), **opts) if need_w else None
+    # phase-plane views serve grad_x (scatter target) and grad_w (input taps); grid views serve the kernel map
+    # (broadcast over channels) and the grad kernel map (reduction target)
+    views = _ViewCache(lambda a, b: (_x_tap_views(xq_buf[:a, :b], geo), _w_tap_views(w_buf[:a, :b], True),
+                                     _w_tap_views(w_buf[:a, :b], False)))
     for n0, n1, g0, g1 in plan:
         sl = (slice(None, n1 - n0), slice(None, g1 - g0))
+        xv, wv, gwv = views((n1 - n0, g1 - g0))
         goq = _to_grid(go_buf[sl], gog[n0:n1, g0:g1], geo)  # junk columns are zero: they scatter nothing
         if need_x:
-            wq = _to_grid(w_buf[sl], wg[n0:n1, g0:g1], geo).unsqueeze(2)
+            _to_grid(w_buf[sl], wg[n0:n1, g0:g1], geo)
             gxq = gxq_buf[sl]
             gxq.zero_()
             gxc = gx.unflatten(1, (g, cg))[n0:n1, g0:g1]
             if not geo.covers_input:
                 gxc.zero_()
-            for t, (ph, off) in enumerate(geo.taps):
-                gxq[:, :, :, ph, off:off + geo.length].addcmul_(goq, wq[:, :, :, t])
+            for t in range(kk):
+                xv[t].addcmul_(goq, wv[t])
             _unfill_phases(gxc, gxq, geo)
         if need_w:
             xq, tmp, gwq = xq_buf[sl], tmp_buf[sl], gwq_buf[sl]
             _fill_phases(xq, xg[n0:n1, g0:g1], geo)
-            for t, (ph, off) in enumerate(geo.taps):
-                torch.mul(xq[:, :, :, ph, off:off + geo.length], goq, out=tmp)
-                torch.sum(tmp, dim=2, out=gwq[:, :, t])
+            for t in range(kk):
+                torch.sum(torch.mul(xv[t], goq, out=tmp), dim=2, out=gwv[t])
             gw[n0:n1, g0:g1].copy_(gwq.unflatten(-1, (geo.h_out, geo.wq))[..., :geo.w_out]
                                    .unflatten(2, (k, k)))
     return gx, gw
