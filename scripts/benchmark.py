@@ -232,6 +232,7 @@ def main(argv=None) -> None:
                    help='comma-separated involution backends (default: reference,native and triton on CUDA)')
     p.add_argument('--compile', action='store_true', help='torch.compile the models (slow to compile on CPU)')
     p.add_argument('--channels-last', action='store_true', help='models and inputs in channels_last')
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--repeats', type=int, default=5, help='timed repeats per operator measurement')
     p.add_argument('--model-repeats', type=int, default=3, help='timed repeats per model measurement')
     only = p.add_mutually_exclusive_group()
@@ -239,17 +240,31 @@ def main(argv=None) -> None:
     only.add_argument('--models-only', action='store_true')
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.backends:
         backends = args.backends.split(',')
     else:
         backends = ['reference', 'native'] + (['triton'] if device.type == 'cuda' else [])
-    print(f'torch {torch.__version__}, {device_desc(device)}, dtype {args.dtype}, backends {",".join(backends)}')
+    print(f'torch {torch.__version__}, {device_desc(device)}, dtype {args.dtype}, backends {",".join(backends)}, '
+          f'{load_desc()}')
+    t0 = time.time()
     if not args.models_only:
         bench_ops(args, device, dtype, backends)
     if not args.ops_only:
         bench_models(args, device, dtype, backends)
+    print(f'\n({time.time() - t0:.0f} s; {load_desc()})')
+
+
+def load_desc() -> str:
+    # other processes on the machine distort CPU timings badly (every parallel region waits for a descheduled
+    # thread), so the load is printed with the results
+    try:
+        return 'load average %.2f' % os.getloadavg()[0]
+    except OSError:
+        return 'load average n/a'
 
 
 if __name__ == '__main__':

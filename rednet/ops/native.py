@@ -7,19 +7,19 @@ Backward (custom ``torch.autograd.Function``, saves only ``x`` and ``weight``):
 ``grad_x_pad[view_t] += grad_out * w_t`` (scatter of each tap back onto the input) and
 ``grad_w_t = sum_{c in group} x_shift_t * grad_out``.
 
-Eager execution is blocked for the CPU cache ("phase layout"): the work is cut into chunks of (samples, groups)
-small enough to stay in cache and to bound the workspace. Within a chunk the padded input is split into its ``stride x stride`` phase planes
-(each a plain stride-1 image), laid out row-major with ``Wq`` columns, and the output is computed on the same
-``Wq``-wide grid (the ``Wq - W_out`` extra columns are junk and cropped at the end). Every tap is then one
-contiguous 1-D slice of a phase plane at offset ``row_shift * Wq + col_shift``, so each of the K*K
-``addcmul_``/``mul``+``sum`` calls runs a long vectorised inner loop, whatever the stride, dilation or memory
-format of the inputs. Workspace is a few chunk-sized buffers (independent of the batch), half-precision
-inputs are accumulated in float32.
+Eager execution is blocked for the CPU cache ("phase layout"): the work is cut into chunks of
+(samples, groups) small enough to stay in cache and to bound the workspace. Within a chunk the padded input is
+split into its ``stride x stride`` phase planes (each a plain stride-1 image), laid out row-major with ``Wq``
+columns, and the output is computed on the same ``Wq``-wide grid (the ``Wq - W_out`` extra columns are junk
+and cropped at the end). Every tap is then one contiguous 1-D slice of a phase plane at offset
+``row_shift * Wq + col_shift``, so each of the K*K ``addcmul_``/``mul``+``sum`` calls runs a long vectorised
+inner loop, whatever the stride, dilation or memory format of the inputs. Workspace is a few chunk-sized
+buffers (at most 1.5x the input); half-precision inputs are accumulated in float32. The tap views of the
+chunk buffers are built once per call, so the Python cost is one ATen call per tap and chunk.
 
 Under ``torch.compile`` (and ONNX export) the same math is expressed with purely functional ops on whole
 tensors, which the compiler fuses into one loop and the exporter maps to Slice/Mul/Add nodes.
 """
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -57,8 +57,8 @@ class _Geometry:
         # per phase (r, q): (rows of the phase plane, matching rows of x) and the same for columns,
         # as python slices; phase-plane element (u, v) is x_pad[u*s + r, v*s + q] = x[u*s + r - p, v*s + q - p]
         self.fill: List[Optional[Tuple[slice, slice, slice, slice]]] = []
-        covered_rows = sum(0 if sp is None else sp[1] - sp[0] for sp in (self._span(r, h, self.hq) for r in range(s)))
-        covered_cols = sum(0 if sp is None else sp[1] - sp[0] for sp in (self._span(q, w, self.wq) for q in range(s)))
+        covered_rows = sum(sp[1] - sp[0] for sp in (self._span(r, h, self.hq) for r in range(s)) if sp)
+        covered_cols = sum(sp[1] - sp[0] for sp in (self._span(q, w, self.wq) for q in range(s)) if sp)
         # False when some input rows/columns are never read (e.g. padding 0 with a stride that skips the edge)
         self.covers_input = covered_rows == h and covered_cols == w
         for r in range(s):
@@ -138,7 +138,10 @@ def _w_tap_views(wq: torch.Tensor, broadcast: bool) -> List[torch.Tensor]:
     """Per tap, the slice of a kernel-map grid buffer wq (nb, gb, KK, L): (nb, gb, 1, L) or (nb, gb, L)."""
     nb, gb, kk, length = wq.shape
     st, base = wq.stride(), wq.storage_offset()
-    size, stride = ((nb, gb, 1, length), (st[0], st[1], 0, 1)) if broadcast else ((nb, gb, length), (st[0], st[1], 1))
+    if broadcast:
+        size, stride = (nb, gb, 1, length), (st[0], st[1], 0, 1)
+    else:
+        size, stride = (nb, gb, length), (st[0], st[1], 1)
     return [wq.as_strided(size, stride, base + t * st[2]) for t in range(kk)]
 
 
