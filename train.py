@@ -283,6 +283,7 @@ def open_logs(run_dir: Path, start_epoch: int, step: int, info: engine.DistInfo)
         kept = [line for line in metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)['epoch'] < start_epoch]
         metrics_path.write_text(''.join(line + '\n' for line in kept))
+    metrics_path.touch()
     return writer, metrics_path
 
 

@@ -17,7 +17,7 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -285,13 +285,14 @@ class StopFlag:
         self.signum = signum
 
 
-def _test_fault(step: int) -> Optional[str]:
-    """Fault injection for the test suite: ``_REDNET_FAULT=KIND@STEP`` with KIND one of KILL, TERM, NAN."""
+def _test_fault(step: int, kinds: Tuple[str, ...] = ('KILL', 'TERM')) -> Optional[str]:
+    """Fault injection for the test suite: ``_REDNET_FAULT=KIND@STEP`` with KIND one of KILL, TERM (sent after
+    optimizer step STEP), NAN (the loss of step STEP becomes NaN)."""
     spec = os.environ.get('_REDNET_FAULT')
     if not spec:
         return None
     kind, _, at = spec.partition('@')
-    if int(at) != step:
+    if kind not in kinds or int(at) != step:
         return None
     if kind == 'KILL':
         os.kill(os.getpid(), signal.SIGKILL)
@@ -392,7 +393,7 @@ def train_one_epoch(
             with autocast(device, amp):
                 output = model(images)
                 loss = criterion(output, target)
-            if _test_fault(global_step + 1) == 'NAN':
+            if _test_fault(global_step + 1, ('NAN',)) == 'NAN':
                 loss = loss * float('nan')
             flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0,
                                   1.0 if (stop is not None and stop.requested) else 0.0], device=device)
