@@ -83,6 +83,8 @@ def validate_config(cfg: DictConfig) -> None:
 # 2. processes, devices, run directory
 
 def setup(cfg: DictConfig, run_dir: Optional[str] = None) -> Tuple[engine.DistInfo, Path]:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     info = engine.setup_distributed(cfg.train.device, cfg.train.dist_backend)
     if cfg.train.amp == 'fp16' and info.device.type != 'cuda':
         raise ConfigError('train.amp=fp16 needs CUDA; on CPU use train.amp=bf16 or null')

@@ -86,6 +86,7 @@ class TrainSection:
     deterministic: bool = False
     resume: Optional[str] = None              # auto (run dir's last checkpoint, if any) | PATH
     device: Optional[str] = None              # null: cuda when available, else cpu
+    threads: Optional[int] = None             # CPU threads per process (torch.set_num_threads); null = default
     amp: Optional[str] = None                 # null | bf16 | fp16
     channels_last: bool = False
     compile: bool = False

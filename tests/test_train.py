@@ -100,7 +100,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted):
     assert _metrics(run_dir)[1]['val_loss'] == _metrics(uninterrupted)[1]['val_loss']
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     run_dir = tmp_path / 'run'
     args = TINY + [f'hydra.run.dir={run_dir}']
     r = run_train(args, env={'_REDNET_FAULT': 'TERM@2'})
@@ -114,9 +114,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
     done = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
     assert done['epoch'] == 1 and done['epoch_complete'] and done['step'] == 8
     assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1]
-    # without loader workers, even a mid-epoch stop resumes exactly
-    ref = torch.load(uninterrupted / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
-    assert done['step'] == ref['step']
 
 
 def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
