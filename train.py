@@ -75,6 +75,9 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.train.resume not in (None, 'auto') and not Path(cfg.train.resume).is_file():
         raise ConfigError(f'train.resume={cfg.train.resume}: no such file (use train.resume=auto to continue from '
                           f'the run directory\'s checkpoints/last.pt)')
+    if cfg.data.name in ('imagenet', 'imagefolder'):  # cheap: stops at the first image of each split
+        for split in (cfg.data.train_split, cfg.data.val_split):
+            rdata._check_split(cfg.data.root, split, cfg.data.name)
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise ConfigError(f'model.pretrained={cfg.model.pretrained}: no such file')
 

@@ -81,7 +81,8 @@ def _check_split(root: Optional[str], split: str, dataset: str) -> Path:
     classes = [p for p in split_dir.iterdir() if p.is_dir()]
     if not classes:
         raise DataError(f'split folder {split_dir} is empty: expected one sub-folder per class with images in it')
-    if not any(f.lower().endswith(IMG_EXTENSIONS) for c in classes for _, _, fs in os.walk(c) for f in fs):
+    if not any(f.lower().endswith(IMG_EXTENSIONS) for c in classes for _, _, fs in os.walk(c, followlinks=True)
+               for f in fs):
         raise DataError(f'split folder {split_dir} has class folders but no images '
                         f'(extensions {", ".join(IMG_EXTENSIONS)})')
     return split_dir

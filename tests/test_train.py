@@ -16,6 +16,17 @@ import train  # noqa: E402
 from rednet import engine
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """In-process runs switch deterministic algorithms on; leave torch as the next test expects it."""
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.get_num_threads())
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state[2], state[3]
+    torch.set_num_threads(state[4])
+
+
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
 
@@ -188,3 +199,17 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert not any(k.startswith('module.') for k in ckpt['model'])
     assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
     assert 'global batch 32' in r.stdout
+
+
+def test_train_on_an_image_folder_with_a_bad_image(tmp_path):
+    """The ImageNet-style pipeline (timm transforms, class folders, every colour mode) end to end."""
+    from test_data import _make_folder
+    root = _make_folder(tmp_path / 'ds', corrupt=True)
+    args = ['model=rednet26', 'model.involution_backend=native', 'data=imagefolder', f'data.root={root}',
+            'data.img_size=16', 'data.workers=0', 'train.batch_size=13', 'train.epochs=1', 'train.progress=false']
+    with pytest.raises(Exception, match='broken.jpg'):
+        train.train(compose(args), run_dir=str(tmp_path / 'run1'))
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        train.train(compose(args + ['data.bad_images=skip']), run_dir=str(tmp_path / 'run2'))
+    row = _metrics(tmp_path / 'run2')[0]
+    assert row['val_images'] == 12 and row['step'] == 1  # one batch of all 13 training files (1 unreadable)
