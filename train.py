@@ -145,6 +145,8 @@ def build_model(cfg: DictConfig, num_classes: int, info: engine.DistInfo):
         from rednet.checkpoint import load_weights
         load_weights(model, cfg.model.pretrained)
     if cfg.train.sync_bn and info.distributed:
+        if info.device.type == 'cpu':
+            raise ConfigError('train.sync_bn=true needs GPUs (PyTorch\'s SyncBatchNorm has no CPU implementation)')
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
     if cfg.train.channels_last:

@@ -72,7 +72,8 @@ def test_departures_run(tmp_path):
     run_dir = tmp_path / 'run'
     cfg = compose(TINY + ['train.epochs=1', 'train.mixup=0.2', 'train.cutmix=1.0', 'train.ema=true',
                           'train.ema_decay=0.5', 'train.clip_grad=1.0', 'schedule.per_step=true',
-                          'optimizer.no_wd_norm_bias=true', 'train.grad_accum=2', 'train.batch_size=8'])
+                          'optimizer.no_wd_norm_bias=true', 'train.grad_accum=2', 'train.batch_size=8',
+                          'train.channels_last=true'])
     train.train(cfg, run_dir=str(run_dir))
     row = _metrics(run_dir)[0]
     assert row['val_top1_ema'] is not None and row['step'] == 4  # 64 images / (8 x 2)
@@ -151,6 +152,16 @@ def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
 
 
+def test_evaluate_under_bf16_autocast():
+    import timm
+    model = timm.create_model('rednet26', num_classes=3, small_input=True, involution_backend='native')
+    data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))]
+    fp32 = engine.evaluate(model, data, torch.device('cpu'))
+    bf16 = engine.evaluate(model, data, torch.device('cpu'), amp='bf16', channels_last=True)
+    assert fp32['images'] == bf16['images'] == 4
+    assert bf16['loss'] == pytest.approx(fp32['loss'], rel=0.05)
+
+
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / 'ck' / 'last.pt'
     engine.atomic_save({'x': torch.arange(4)}, str(path))
@@ -188,17 +199,18 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path):
 
 def test_ddp_two_processes_gloo(tmp_path):
     run_dir = tmp_path / 'run'
-    r = run_train(TINY + ['train.epochs=1', 'data.val_size=23', f'hydra.run.dir={run_dir}'], torchrun=2)
+    r = run_train(TINY + ['train.epochs=1', 'data.val_size=23', 'train.batch_size=8', 'train.grad_accum=2',
+                          f'hydra.run.dir={run_dir}'], torchrun=2)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert r.stdout.count('epoch 0: train_loss') == 1  # only rank 0 logs
     row = _metrics(run_dir)[0]
     assert row['val_images'] == 23  # every validation image counted once across the 2 processes
-    assert row['step'] == 2  # 64 images / (16 per process x 2 processes)
+    assert row['step'] == 2  # 64 images / (8 per process x 2 accumulated x 2 processes)
     ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
     assert ckpt['world_size'] == 2 and len(ckpt['rng']) == 2
     assert not any(k.startswith('module.') for k in ckpt['model'])
     assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
-    assert 'global batch 32' in r.stdout
+    assert 'lr 0.0125 for global batch 32' in r.stdout  # 0.1 x 32 / 256
 
 
 def test_train_on_an_image_folder_with_a_bad_image(tmp_path):
