@@ -9,7 +9,9 @@ Prints markdown tables:
    memory allocated during the step, and ratios vs ResNet-50.
 
 Repeats are interleaved round-robin across the compared variants, so background load hits all of them alike;
-ratios from one run are what count. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak
+ratios from one run are what count. Times are medians; the minimum (best of the repeats) is printed beside
+them because on a shared CPU other processes inflate some repeats enormously (each parallel region of a
+2-thread op waits for a descheduled thread). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak
 of the allocation trace of ``torch.profiler`` (``profile_memory=True``) on CPU, both relative to what was
 allocated before the measured call.
 
@@ -69,9 +71,9 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device,
-                        warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per call of each fn, the repeats interleaved round-robin."""
+def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                      warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds per call of each fn (all repeats), the repeats interleaved round-robin."""
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for k, fn in fns.items():
         for _ in range(warmup):
@@ -84,6 +86,10 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int, devi
             fn()
             sync(device)
             times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def med(times: Dict[str, List[float]]) -> Dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -93,7 +99,7 @@ def fmt_mb(b: float) -> str:
 
 def bench_ops(args, device, dtype, backends) -> None:
     print(f'\n### Involution operator, K=7, G=C/16, {dtype_name(dtype)}, {device_desc(device)}\n')
-    print('| shape (N, C, H=W), stride | backend | forward ms | fwd+bwd ms | fwd speedup | fwd+bwd speedup '
+    print('| shape (N, C, H=W), stride | backend | forward ms (min) | fwd+bwd ms (min) | fwd speedup | fwd+bwd speedup '
           '| fwd workspace MB | fwd+bwd workspace MB | fwd+bwd workspace / input |')
     print('|---|---|---|---|---|---|---|---|---|')
     k = 7
@@ -123,15 +129,17 @@ def bench_ops(args, device, dtype, backends) -> None:
                 usable.append(b)
             except (ValueError, RuntimeError) as e:
                 print(f'| {(n, c, h)}, {s} | {b} | n/a: {str(e)[:80]} | | | | | | |')
-        f_times = interleaved_medians({b: (lambda b=b: fwd(b)) for b in usable}, args.repeats, device)
-        fb_times = interleaved_medians({b: (lambda b=b: fwd_bwd(b)) for b in usable}, args.repeats, device)
+        f_all = interleaved_times({b: (lambda b=b: fwd(b)) for b in usable}, args.repeats, device)
+        fb_all = interleaved_times({b: (lambda b=b: fwd_bwd(b)) for b in usable}, args.repeats, device)
+        f_times, fb_times = med(f_all), med(fb_all)
         ref_f, ref_fb = f_times.get('reference'), fb_times.get('reference')
         for b in usable:
             ws_f = peak_bytes(lambda: fwd(b), device) - out_bytes
             ws_fb = peak_bytes(lambda: fwd_bwd(b), device) - out_bytes - grads_bytes
             sp_f = f'{ref_f / f_times[b]:.1f}x' if ref_f else '-'
             sp_fb = f'{ref_fb / fb_times[b]:.1f}x' if ref_fb else '-'
-            print(f'| {(n, c, h)}, {s} | {b} | {f_times[b] * 1e3:.1f} | {fb_times[b] * 1e3:.1f} | {sp_f} | {sp_fb} '
+            print(f'| {(n, c, h)}, {s} | {b} | {f_times[b] * 1e3:.1f} ({min(f_all[b]) * 1e3:.1f}) '
+                  f'| {fb_times[b] * 1e3:.1f} ({min(fb_all[b]) * 1e3:.1f}) | {sp_f} | {sp_fb} '
                   f'| {fmt_mb(max(ws_f, 0))} | {fmt_mb(max(ws_fb, 0))} | {max(ws_fb, 0) / in_bytes:.2f} |',
                   flush=True)
         del x, w, go
@@ -194,19 +202,24 @@ def bench_models(args, device, dtype, backends) -> None:
             print(f'(skipping {key}: {str(e)[:100]})')
             continue
         train_fns[key], infer_fns[key], labels[key] = train_step, infer, name
-    t_train = interleaved_medians(train_fns, args.model_repeats, device)
-    t_infer = interleaved_medians(infer_fns, args.model_repeats, device)
+    all_train = interleaved_times(train_fns, args.model_repeats, device)
+    all_infer = interleaved_times(infer_fns, args.model_repeats, device)
+    t_train, t_infer = med(all_train), med(all_infer)
+    best_train = {k: min(v) for k, v in all_train.items()}
+    best_infer = {k: min(v) for k, v in all_infer.items()}
     base = 'resnet50' if 'resnet50' in t_train else None
     print('| model | train img/s | inference img/s | train vs ResNet-50 | inference vs ResNet-50 '
-          '| train peak MB | inference peak MB | train peak vs ResNet-50 |')
-    print('|---|---|---|---|---|---|---|---|')
+          '| best-of train / inference vs ResNet-50 | train peak MB | inference peak MB | train peak vs ResNet-50 |')
+    print('|---|---|---|---|---|---|---|---|---|')
     peaks = {k: (peak_bytes(train_fns[k], device), peak_bytes(infer_fns[k], device)) for k in train_fns}
     for k in train_fns:
         tr, inf = batch / t_train[k], batch / t_infer[k]
         r_tr = f'{t_train[base] / t_train[k]:.2f}' if base else '-'
         r_inf = f'{t_infer[base] / t_infer[k]:.2f}' if base else '-'
         r_mem = f'{peaks[k][0] / peaks[base][0]:.2f}' if base else '-'
-        print(f'| {k} | {tr:.2f} | {inf:.2f} | {r_tr} | {r_inf} | {fmt_mb(peaks[k][0])} | {fmt_mb(peaks[k][1])} '
+        r_best = f'{best_train[base] / best_train[k]:.2f} / {best_infer[base] / best_infer[k]:.2f}' if base else '-'
+        print(f'| {k} | {tr:.2f} | {inf:.2f} | {r_tr} | {r_inf} | {r_best} | {fmt_mb(peaks[k][0])} '
+              f'| {fmt_mb(peaks[k][1])} '
               f'| {r_mem} |', flush=True)
 
 
