@@ -13,7 +13,8 @@ if str(REPO) not in sys.path:
 # a tiny, fast run: RedNet-26 with the small stem on 16x16 synthetic images with random crops and flips
 TINY = ['model=rednet26', 'model.involution_backend=native', 'data=synthetic', 'data.img_size=16',
         'data.train_size=64', 'data.val_size=24', 'data.train_crop=pad', 'data.crop_padding=2', 'data.hflip=0.5',
-        'train.batch_size=16', 'train.epochs=2', 'train.progress=false', 'train.deterministic=true']
+        'train.batch_size=16', 'train.epochs=2', 'train.progress=false', 'train.deterministic=true',
+        'train.threads=1']
 
 
 def compose(overrides: Optional[List[str]] = None):
