@@ -9,7 +9,6 @@ The model is built from the file alone (``rednet.load_model``) and evaluated wit
 Prints a one-line summary and writes ``eval.json`` in the run directory (``hydra.run.dir``).
 """
 import json
-import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset
 import rednet
 from rednet import data as rdata
 from rednet import engine
+from rednet.engine import log
 from rednet.checkpoint import CheckpointError
 from rednet.train_config import DataConfig, check_overrides
 
@@ -54,11 +54,6 @@ EVAL_KEYS = [f.name for f in fields(EvalConfig) if f.name not in ('model', 'trai
 
 class EvalError(ValueError):
     """A checkpoint and data set that cannot be evaluated together, or a bad setting."""
-
-
-def log(*args: Any) -> None:
-    if int(os.environ.get('RANK', '0')) == 0:
-        print(*args, flush=True)
 
 
 def check_eval_overrides(overrides) -> Optional[str]:
@@ -155,13 +150,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
 
 @hydra.main(config_path='configs', config_name='eval', version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate_checkpoint(cfg)
-    except (EvalError, CheckpointError, FileNotFoundError, rdata.DataError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        engine.cleanup_distributed()
-        sys.exit(2)
-    engine.cleanup_distributed()
+    engine.run_cli(evaluate_checkpoint, cfg, {EvalError: 2, CheckpointError: 2, FileNotFoundError: 2,
+                                              rdata.DataError: 2})
 
 
 if __name__ == '__main__':

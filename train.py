@@ -12,9 +12,7 @@ schedule, loss, resume, then the epoch loop (train, evaluate, log, checkpoint). 
 ``rednet/train_config.py``.
 """
 import json
-import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -28,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 import rednet  # noqa: F401  (registers the RedNet models with timm)
 from rednet import data as rdata
 from rednet import engine
+from rednet.engine import log
 from rednet.train_config import check_overrides, register_schema
 
 register_schema()
@@ -35,11 +34,6 @@ register_schema()
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any work is done."""
-
-
-def log(*args: Any) -> None:
-    if int(os.environ.get('RANK', '0')) == 0:
-        print(*args, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,17 +407,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
 
 @hydra.main(config_path='configs', config_name='train', version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except (ConfigError, rdata.DataError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        engine.cleanup_distributed()
-        sys.exit(2)
-    except engine.NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        engine.cleanup_distributed()
-        sys.exit(3)
-    engine.cleanup_distributed()
+    engine.run_cli(train, cfg, {ConfigError: 2, rdata.DataError: 2, engine.NonFiniteLossError: 3})
 
 
 if __name__ == '__main__':

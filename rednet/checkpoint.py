@@ -9,9 +9,7 @@ Formats understood (all read without executing pickled code):
 """
 import json
 import math
-import os
 import pickle
-import tempfile
 import re
 import warnings
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .engine import atomic_write
 from .model import DEPTHS
 
 __all__ = ['Checkpoint', 'load_model', 'model_from_checkpoint', 'load_weights', 'read_checkpoint', 'convert_state_dict', 'infer_model_args',
@@ -308,21 +307,6 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str = 'checkpoint', **overri
     return model
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it into place (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_released(model: nn.Module, path: PathLike, arch: str, model_args: Dict[str, Any],
                   **cfg_overrides: Any) -> None:
     """Write our released-weights format: safetensors weights plus the metadata that rebuilds the model
@@ -334,7 +318,7 @@ def save_released(model: nn.Module, path: PathLike, arch: str, model_args: Dict[
     metadata = {'format': 'rednet', 'arch': arch, 'model_args': json.dumps(model_args),
                 'pretrained_cfg': json.dumps(cfg)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(str(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def convert_checkpoint(src: PathLike, dst: PathLike, **cfg_overrides: Any) -> nn.Module:

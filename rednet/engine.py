@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['DistInfo', 'setup_distributed', 'cleanup_distributed', 'reduce_sum', 'broadcast_object',
-           'WarmupCosine', 'NonFiniteLossError', 'StopFlag', 'atomic_save', 'atomic_link_or_copy',
+           'WarmupCosine', 'NonFiniteLossError', 'StopFlag', 'atomic_write', 'atomic_save',
+           'atomic_link_or_copy', 'log', 'run_cli',
            'capture_rng_state', 'restore_rng_state', 'seed_everything', 'set_deterministic',
            'autocast', 'accuracy', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
@@ -74,6 +76,24 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def log(*args: Any) -> None:
+    """``print`` on rank 0 only."""
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(*args, flush=True)
+
+
+def run_cli(body: Callable[[Any], Any], cfg: Any, exit_codes: Dict[type, int]) -> None:
+    """Run an entry point's body: an expected error (a type in ``exit_codes``) prints ``error: ...`` and exits
+    with its code instead of a traceback; the process group is torn down either way."""
+    try:
+        body(cfg)
+    except tuple(exit_codes) as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        cleanup_distributed()
+        sys.exit(next(code for cls, code in exit_codes.items() if isinstance(e, cls)))
+    cleanup_distributed()
 
 
 def _dist_on() -> bool:
@@ -167,16 +187,17 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a kill at any moment
-    leaves either the previous file or the new one, never a truncated file."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file in the same folder, fsync it, then ``os.replace`` it onto
+    ``path``: a kill at any moment leaves either the previous file or the new one, never a truncated file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -186,25 +207,24 @@ def atomic_save(obj: Any, path: str) -> None:
     _fsync_dir(folder)
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    def write(tmp: str) -> None:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def atomic_link_or_copy(src: str, dst: str) -> None:
     """Make ``dst`` a copy of ``src`` atomically (a hard link when the file system allows, else a copy)."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f'.{os.path.basename(dst)}.tmp-{os.getpid()}')
-    with contextlib.suppress(OSError):
-        os.remove(tmp)
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, 'rb+') as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
+    atomic_write(dst, lambda tmp: _link_or_copy(src, tmp))
 
 
 def capture_rng_state() -> Dict[str, Any]:

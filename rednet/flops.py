@@ -21,8 +21,14 @@ def count_flops(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 22
     """FLOPs (multiply-adds) of one forward pass of ``model`` on one image of ``input_size``."""
     total = 0
 
+    # the span conv (C/4 -> K*K*G) may be fused into the aggregation and never run as a module: it is counted
+    # with its involution, the same whichever involution backend runs
+    spans = {id(m.span) for m in model.modules() if isinstance(m, Involution)}
+
     def conv(m: nn.Conv2d, inp, out):
         nonlocal total
+        if id(m) in spans:
+            return
         total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         total += out.numel() if (m.bias is not None and elementwise) else 0
 
@@ -33,6 +39,8 @@ def count_flops(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 22
     def involution(m: Involution, inp, out):
         nonlocal total
         total += out.numel() * m.kernel_size * m.kernel_size
+        kernel_map = out.shape[0] * m.span.out_channels * out.shape[2] * out.shape[3]
+        total += kernel_map * m.span.in_channels + (kernel_map if elementwise else 0)
 
     def batchnorm(m: nn.BatchNorm2d, inp, out):
         nonlocal total

@@ -5,7 +5,6 @@ import pickle
 from collections import OrderedDict
 from typing import Dict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -78,3 +78,13 @@ def test_model_table_parameters_and_flops():
         flops, paper = float(m.group(3)), float(m.group(4))
         assert abs(flops / paper - 1) < 0.015
     assert rows[26].group(3) == '1.710' and rows[50].group(3) == '2.690'  # the spec's mmcv-style count
+
+
+def test_flop_count_does_not_depend_on_the_involution_backend():
+    from rednet.flops import count_flops
+    model = timm.create_model('rednet26')
+    counts = set()
+    for backend in ('reference', 'native'):
+        model.set_involution_backend(backend)
+        counts.add(count_flops(model, (3, 64, 64)))
+    assert len(counts) == 1
