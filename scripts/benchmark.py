@@ -19,6 +19,7 @@ allocated before the measured call.
     python scripts/benchmark.py --ops-only --repeats 10
     python scripts/benchmark.py --device cuda --dtype bfloat16 --backends native,triton,reference
     python scripts/benchmark.py --models-only --models rednet50,resnet50 --compile
+    python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native-fused,native-unfused
 """
 import argparse
 import gc
@@ -124,6 +125,8 @@ def bench_ops(args, device, dtype, backends) -> None:
 
         usable = []
         for b in backends:
+            if b.endswith(tuple(FUSE_SUFFIXES)):  # a whole-model variant only
+                continue
             try:
                 fwd(b)
                 usable.append(b)
@@ -146,13 +149,27 @@ def bench_ops(args, device, dtype, backends) -> None:
         gc.collect()
 
 
+# model-only pseudo backend suffixes: 'native-fused' / 'native-unfused' = native aggregation with the span conv
+# fused into it (rednet.ops.fused) or run separately, whatever Involution.fuse_span defaults to
+FUSE_SUFFIXES = {'-unfused': False, '-fused': True}
+
+
 def build_model(name: str, backend: str):
     import timm
     if name == 'resnet50':
         import torchvision
         return torchvision.models.resnet50()
     if name.startswith('rednet'):
-        return timm.create_model(name, involution_backend=backend)
+        fuse = None
+        for suffix, value in FUSE_SUFFIXES.items():
+            if backend.endswith(suffix):
+                backend, fuse = backend[:-len(suffix)], value
+        model = timm.create_model(name, involution_backend=backend)
+        if fuse is not None:  # span conv fused into the native aggregation or not (rednet.ops.fused)
+            for mod in model.modules():
+                if hasattr(mod, 'fuse_span'):
+                    mod.fuse_span = fuse
+        return model
     return timm.create_model(name)
 
 
@@ -242,7 +259,9 @@ def main(argv=None) -> None:
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--models', default='resnet50,resnet26,rednet26,rednet50')
     p.add_argument('--backends', default=None,
-                   help='comma-separated involution backends (default: reference,native and triton on CUDA)')
+                   help='comma-separated involution backends (default: reference,native and triton on CUDA); '
+                        'for the models also native-fused / native-unfused (span conv fused into the '
+                        'aggregation or not)')
     p.add_argument('--compile', action='store_true', help='torch.compile the models (slow to compile on CPU)')
     p.add_argument('--channels-last', action='store_true', help='models and inputs in channels_last')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')

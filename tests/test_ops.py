@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import rednet  # noqa: F401  (registers the models with timm)
-from rednet.ops import BACKENDS, involution, involution_reference, output_size, resolve_backend
+from rednet.ops import (BACKENDS, involution, involution_fused, involution_reference, involution_span_unfused,
+                        output_size, resolve_backend)
 from rednet.ops import native as native_mod
 
 # (N, C, H, W, G, K, stride, dilation, padding or None for "same")
@@ -205,24 +206,189 @@ def test_whole_model_native_matches_reference():
         if isinstance(mod, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
     nat.load_state_dict(ref.state_dict())
+    # a third model runs the fused span conv + aggregation (rednet.ops.fused) in every involution
+    fus = timm.create_model('rednet26', involution_backend='native', num_classes=10).double()
+    fus.load_state_dict(ref.state_dict())
+    invs = [m for m in fus.modules() if hasattr(m, 'fuse_span')]
+    for m in invs:
+        m.fuse_span = True
+    assert invs and all(m._fused_ok(torch.zeros(1)) for m in invs)
     x = torch.randn(2, 3, 72, 88, dtype=torch.float64)  # stride-2 stages see odd and even sizes
     outs, grads = [], []
-    for m in (ref, nat):
+    for m in (ref, nat, fus):
         m.train()
         out = m(x)
         out.square().sum().backward()
         outs.append(out.detach())
         grads.append({k: p.grad for k, p in m.named_parameters()})
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
-    assert grads[0].keys() == grads[1].keys()
-    for k in grads[0]:
-        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-7, atol=1e-9, msg=lambda m: f'{k}: {m}')
+    for i in (1, 2):
+        torch.testing.assert_close(outs[i], outs[0], rtol=1e-9, atol=1e-9)
+        assert grads[0].keys() == grads[i].keys()
+        for k in grads[0]:
+            torch.testing.assert_close(grads[i][k], grads[0][k], rtol=1e-7, atol=1e-9, msg=lambda m: f'{k}: {m}')
     # set_involution_backend switches the whole model
     nat.set_involution_backend('reference')
     nat.eval()
     ref.eval()
     with torch.no_grad():
         torch.testing.assert_close(nat(x), ref(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# span conv fused into the native aggregation (rednet.ops.fused)
+# ---------------------------------------------------------------------------------------------------------
+
+# (N, C, H, W, G, K, stride, Cr)
+FUSED_CASES = [
+    (2, 8, 7, 9, 2, 3, 1, 2),
+    (2, 16, 13, 11, 4, 7, 2, 4),  # odd sizes, stride 2
+    (1, 12, 12, 12, 3, 7, 2, 3),  # even sizes, stride 2 (the RedNet case)
+    (3, 16, 9, 8, 1, 7, 1, 4),  # kernel larger than the image, one group
+    (2, 32, 10, 11, 2, 3, 2, 8),
+    (1, 4, 5, 6, 4, 3, 1, 1),  # one channel per group, Cr = 1
+]
+
+
+def _fused_ids(case):
+    n, c, h, w, g, k, s, cr = case
+    return f'n{n}c{c}_{h}x{w}_g{g}_k{k}_s{s}_cr{cr}'
+
+
+def _make_fused(case, dtype=torch.float64, seed=0):
+    n, c, h, w, g, k, s, cr = case
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = output_size(h, k, s, (k - 1) // 2, 1), output_size(w, k, s, (k - 1) // 2, 1)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    r = torch.randn(n, cr, ho, wo, generator=gen, dtype=dtype)
+    sw = torch.randn(k * k * g, cr, 1, 1, generator=gen, dtype=dtype) / cr ** 0.5
+    sb = torch.randn(k * k * g, generator=gen, dtype=dtype)
+    go = torch.randn(n, c, ho, wo, generator=gen, dtype=dtype)
+    return (x, r, sw, sb), go, dict(k=k, stride=s)
+
+
+def _run_fused(inputs, go, kw, fused=True, transforms=(None,) * 4, backend='reference'):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    args = [f(t) if f else t for f, t in zip(transforms, leaves)]
+    out = involution_fused(*args, **kw) if fused else involution_span_unfused(*args, **kw, backend=backend)
+    return (out,) + torch.autograd.grad(out, leaves, go)
+
+
+def _assert_fused_close(got, want, **tol):
+    for a, b, name in zip(got, want, ('out', 'grad_x', 'grad_r', 'grad_span_weight', 'grad_span_bias')):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, msg=lambda m: f'{name}: {m}', **tol)
+
+
+@pytest.mark.parametrize('layout', ['grid', 'compact'])
+@pytest.mark.parametrize('case', FUSED_CASES, ids=_fused_ids)
+def test_fused_span_matches_reference_float64(case, layout, monkeypatch):
+    # span matmuls straight on the phase layout's grid (junk columns) or on the compact layout plus a copy
+    from rednet.ops import fused as fused_mod
+    monkeypatch.setattr(fused_mod, '_GRID_JUNK_RATIO', 1e9 if layout == 'grid' else -1.0)
+    inputs, go, kw = _make_fused(case)
+    want = _run_fused(inputs, go, kw, fused=False)
+    _assert_fused_close(_run_fused(inputs, go, kw), want, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_span_layouts_and_partial_grads(monkeypatch):
+    inputs, go, kw = _make_fused(FUSED_CASES[1])
+    want = _run_fused(inputs, go, kw, fused=False)
+    cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
+    tr = lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)  # noqa: E731
+    got = _run_fused(inputs, go, kw, transforms=(cl, cl, cl, None))
+    _assert_fused_close(got, want, rtol=1e-10, atol=1e-10)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    _assert_fused_close(_run_fused(inputs, tr(go), kw, transforms=(tr, tr, None, None)), want,
+                        rtol=1e-10, atol=1e-10)
+    # 2-D span weight and a sliced (every other channel) x
+    x, r, sw, sb = inputs
+    xs = torch.stack([x, torch.zeros_like(x)], 2).flatten(1, 2)[:, ::2]  # == x, channel stride 2
+    assert not xs.is_contiguous()
+    torch.testing.assert_close(involution_fused(xs, r, sw.flatten(1), sb, **kw), want[0])
+    # only some inputs need gradients
+    for i in range(4):
+        leaves = [t.detach().clone().requires_grad_(j == i) for j, t in enumerate(inputs)]
+        (g,) = torch.autograd.grad(involution_fused(*leaves, **kw), (leaves[i],), go)
+        torch.testing.assert_close(g, want[i + 1])
+    # no bias
+    got = involution_fused(x, r, sw, None, **kw)
+    torch.testing.assert_close(got, involution_span_unfused(x, r, sw, None, **kw, backend='reference'))
+    # many small chunks, including splits inside a sample
+    monkeypatch.setattr(native_mod, '_CHUNK_BYTES', 1)
+    monkeypatch.setattr(native_mod, '_MIN_CHUNK_BYTES', 1)
+    for case in (FUSED_CASES[1], FUSED_CASES[4]):
+        inputs, go, kw = _make_fused(case)
+        _assert_fused_close(_run_fused(inputs, go, kw), _run_fused(inputs, go, kw, fused=False),
+                            rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_fused_span_gradcheck(stride):
+    inputs, _, kw = _make_fused((1, 4, 5, 4, 2, 3, stride, 2))
+    inputs = [t.requires_grad_(True) for t in inputs]
+    assert torch.autograd.gradcheck(lambda *a: involution_fused(*a, **kw), inputs)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_fused_span_low_precision_and_autocast(dtype):
+    inputs, go, kw = _make_fused((2, 32, 14, 13, 2, 7, 2, 8))
+    want = _run_fused(inputs, go, kw, fused=False)
+    got = _run_fused([t.to(dtype) for t in inputs], go.to(dtype), kw)
+    assert all(t.dtype == dtype for t in got)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2}[dtype]
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() / b.abs().max() < tol
+    if dtype == torch.bfloat16:  # float32 leaves under autocast: bf16 output, float32 gradients
+        leaves = [t.float().requires_grad_(True) for t in inputs]
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = involution_fused(*leaves, **kw)
+        assert out.dtype == torch.bfloat16
+        out.backward(go.to(torch.bfloat16))
+        for leaf, b in zip(leaves, want[1:]):
+            assert leaf.grad.dtype == torch.float32
+            assert (leaf.grad.double() - b).abs().max() / b.abs().max() < tol
+
+
+def test_fused_span_errors_and_compile_fallback():
+    (x, r, sw, sb), _, kw = _make_fused(FUSED_CASES[0])
+    with pytest.raises(ValueError, match='r must be'):
+        involution_fused(x, r[..., :-1], sw, sb, **kw)
+    with pytest.raises(ValueError, match='multiple of K'):
+        involution_fused(x, r, sw[:-1], sb[:-1], **kw)
+    with pytest.raises(ValueError, match='share dtype'):
+        involution_fused(x.float(), r, sw, sb, **kw)
+    fn = torch.compile(lambda *a: involution_fused(*a, **kw), fullgraph=True, backend='eager')
+    torch.testing.assert_close(fn(x, r, sw, sb), involution_fused(x, r, sw, sb, **kw))
+
+
+def test_involution_module_fuses_native_only(monkeypatch):
+    from rednet.model import Involution
+    import rednet.model as model_mod
+    calls = []
+    real = model_mod.involution_fused
+    monkeypatch.setattr(model_mod, 'involution_fused', lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    mods = {b: Involution(32, 7, 2, backend=b, fuse_span=True).double() for b in ('reference', 'native', 'auto')}
+    mods['unfused'] = Involution(32, 7, 2, backend='native').double()
+    assert not mods['unfused'].fuse_span  # off by default
+    keys = set(mods['reference'].state_dict())
+    assert keys == {'reduce.conv.weight', 'reduce.bn.weight', 'reduce.bn.bias', 'reduce.bn.running_mean',
+                    'reduce.bn.running_var', 'reduce.bn.num_batches_tracked', 'span.weight', 'span.bias'}
+    for m in mods.values():
+        assert set(m.state_dict()) == keys
+        m.load_state_dict(mods['reference'].state_dict())
+    x = torch.randn(2, 32, 11, 10, dtype=torch.float64)
+    outs = {}
+    for b, m in mods.items():
+        n_before = len(calls)
+        xin = x.clone().requires_grad_(True)
+        out = m(xin)
+        out.square().sum().backward()
+        outs[b] = [out, xin.grad] + [p.grad for p in m.parameters()]
+        assert (len(calls) > n_before) == (b in ('native', 'auto')), b
+    for b in ('native', 'auto', 'unfused'):
+        for a, want in zip(outs[b], outs['reference']):
+            torch.testing.assert_close(a, want, rtol=1e-9, atol=1e-10)
 
 
 def test_errors_are_clear():

@@ -16,6 +16,10 @@ Backends:
   where native's functional form lets the compiler fuse the taps into one loop). ``reference`` is never
   chosen automatically. ``scripts/benchmark.py`` measures all of them side by side.
 
+``involution_fused(x, r, span_weight, span_bias, k, stride, padding, dilation)`` computes
+``involution(x, conv1x1(r, span_weight, span_bias).view(N, G, K, K, H_out, W_out))`` with the native backend
+without materialising the kernel map (eager; falls back to the unfused math under compile/export).
+
 Under autocast (any device type) both inputs are cast to the autocast dtype first, like a convolution; the
 fast backends accumulate half-precision inputs in float32.
 """
@@ -23,11 +27,15 @@ from typing import Optional
 
 import torch
 
+from .fused import involution_span_native, involution_span_unfused
 from .native import involution_native
 from .reference import involution_reference
 
-__all__ = ['involution', 'involution_reference', 'involution_native', 'output_size', 'BACKENDS',
-           'resolve_backend']
+__all__ = ['involution', 'involution_reference', 'involution_native', 'involution_fused',
+           'involution_span_native', 'involution_span_unfused', 'output_size', 'BACKENDS', 'resolve_backend']
+
+# span conv (kernel generation) fused into the native aggregation: see :mod:`rednet.ops.fused`
+involution_fused = involution_span_native
 
 BACKENDS = ('auto', 'reference', 'native', 'triton')
 

@@ -1,0 +1,296 @@
+"""Involution with the kernel-generating span conv fused in (``native`` backend, eager only).
+
+RedNet's kernel map ``weight = span(r)`` (a 1x1 conv C/4 -> K*K*G with bias) has K*K*G = 49*C/16, about 3x the
+channels of the feature map it is applied to. Unfused, it is written by the conv, read by the aggregation and
+saved for backward. Here it never exists as a whole: :func:`involution_span_native` takes the reduced features
+``r`` (N, C/4, H_out, W_out) and the span conv's weight/bias, and per chunk of (samples, groups) of the
+``native`` phase layout (:mod:`rednet.ops.native`) computes that chunk's kernel map with one batched matmul
+straight into the chunk's grid buffer, then aggregates. Saved for backward: ``x``, ``r``, span weight and bias.
+The backward recomputes each chunk's kernel map, scatters grad_x, reduces the chunk's grad kernel map and turns
+it into grad_r (``W^T @ grad_kmap``), grad span weight (``grad_kmap @ r^T``) and grad span bias (a sum).
+
+On large images the kernel map is computed straight on the phase layout's ``Wq``-wide grid, from ``r``
+zero-padded to ``Wq`` columns: its junk columns hold the bias only, which is harmless (they are cropped from the
+output, and ``grad_out`` is zero there, so they scatter nothing and get zero grad kernel map, hence contribute
+nothing to grad_r/weight). On small images, where the junk columns are a large fraction of the grid, the
+matmuls run on the compact H_out x W_out layout and a chunk-sized copy moves the result onto the grid.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .native import (_Geometry, _ViewCache, _acc_dtype, _chunks, _fill_phases, _to_grid, _unfill_phases,
+                     _w_tap_views, _x_tap_views)
+
+__all__ = ['involution_span_native', 'involution_span_unfused']
+
+# matmuls on the grid while its junk columns add at most this fraction of work (see _use_grid)
+_GRID_JUNK_RATIO = 0.15
+
+
+def _fmt(x: torch.Tensor):
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def _r_grid(r: torch.Tensor, geo: _Geometry, acc: torch.dtype) -> torch.Tensor:
+    """r (N, Cr, H_out, W_out) -> (N, Cr, H_out * Wq), zero in the junk columns, contiguous, dtype acc."""
+    return F.pad(r.to(acc), (0, geo.wq - geo.w_out)).contiguous().flatten(2)
+
+
+def _flat_view(storage: torch.Tensor, shape) -> torch.Tensor:
+    numel = 1
+    for s in shape:
+        numel *= s
+    return storage[:numel].view(shape)
+
+
+def _use_grid(geo: _Geometry) -> bool:
+    """Run the span matmuls on the ``Wq``-wide grid (no crop/expand copies) or on the compact H_out x W_out?
+
+    The grid's junk columns cost ``(Wq - W_out) / W_out`` extra matmul work (K=7: +10% at 56x56, +86% at 7x7);
+    a compact matmul costs a copy of the chunk's kernel map (in cache) instead.
+    """
+    return geo.wq - geo.w_out <= _GRID_JUNK_RATIO * geo.w_out
+
+
+def _kmap_chunk(out: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, rs: torch.Tensor,
+                n0: int, n1: int, g0: int, g1: int, kk: int) -> None:
+    """out (nb, gb*KK, L) <- span bias + span weight rows of groups g0:g1 @ r (nb, Cr, L) of samples n0:n1."""
+    nb = n1 - n0
+    wc = w2[g0 * kk:g1 * kk]  # (gb*KK, Cr)
+    bc = b2[g0 * kk:g1 * kk]  # (gb*KK, 1)
+    torch.baddbmm(bc.unsqueeze(0).expand(nb, -1, out.shape[-1]), wc.unsqueeze(0).expand(nb, -1, -1),
+                  rs[n0:n1], out=out)
+
+
+def _kmap_chunk_to_grid(wq: torch.Tensor, tmp: Optional[torch.Tensor], w2, b2, rs, n0, n1, g0, g1, kk,
+                        geo: _Geometry) -> None:
+    """wq (nb, gb, KK, H_out * Wq) <- the chunk's kernel map on the grid (directly, or via compact tmp)."""
+    if tmp is None:
+        _kmap_chunk(wq.flatten(1, 2), w2, b2, rs, n0, n1, g0, g1, kk)
+    else:
+        _kmap_chunk(tmp, w2, b2, rs, n0, n1, g0, g1, kk)
+        _to_grid(wq, tmp.unflatten(1, wq.shape[1:3]).unflatten(-1, (geo.h_out, geo.w_out)), geo)
+
+
+def _forward_eager(x, r, w2, b2, geo: _Geometry, g: int) -> torch.Tensor:
+    n, c, _, _ = x.shape
+    k = geo.k
+    cg, kk = c // g, k * k
+    acc = _acc_dtype(x.dtype)
+    out = torch.empty((n, c, geo.h_out, geo.w_out), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+    xg = x.unflatten(1, (g, cg))
+    og = out.unflatten(1, (g, cg))
+    grid = _use_grid(geo)
+    hw = geo.h_out * geo.w_out
+    rs = _r_grid(r, geo, acc) if grid else r.to(acc).contiguous().flatten(2)
+    plan = _chunks(n, g, (cg * (geo.phases * geo.flat + geo.length) + kk * geo.length), x, acc)
+    nb, gb = max(b[1] - b[0] for b in plan), max(b[3] - b[2] for b in plan)
+    opts = dict(dtype=acc, device=x.device)
+    xq_buf = torch.empty((nb, gb, cg, geo.phases, geo.flat), **opts)
+    w_store = torch.empty(nb * gb * kk * geo.length, **opts)  # each chunk's kernel map, contiguous
+    t_store = None if grid else torch.empty(nb * gb * kk * hw, **opts)  # compact kernel map
+    o_buf = torch.empty((nb, gb, cg, geo.length), **opts)
+
+    def build(a, b):
+        wq = _flat_view(w_store, (a, b, kk, geo.length))
+        tmp = None if grid else _flat_view(t_store, (a, b * kk, hw))
+        return wq, tmp, _x_tap_views(xq_buf[:a, :b], geo), _w_tap_views(wq, True)
+
+    views = _ViewCache(build)
+    for n0, n1, g0, g1 in plan:
+        xq, oq = xq_buf[:n1 - n0, :g1 - g0], o_buf[:n1 - n0, :g1 - g0]
+        wq, tmp, xv, wv = views((n1 - n0, g1 - g0))
+        _fill_phases(xq, xg[n0:n1, g0:g1], geo)
+        _kmap_chunk_to_grid(wq, tmp, w2, b2, rs, n0, n1, g0, g1, kk, geo)
+        torch.mul(xv[0], wv[0], out=oq)
+        for t in range(1, kk):
+            oq.addcmul_(xv[t], wv[t])
+        og[n0:n1, g0:g1].copy_(oq.unflatten(-1, (geo.h_out, geo.wq))[..., :geo.w_out])
+    return out
+
+
+def _backward_eager(x, r, w2, b2, grad_out, geo: _Geometry, g: int, need_x: bool, need_r: bool,
+                    need_w: bool, need_b: bool):
+    n, c, _, _ = x.shape
+    k = geo.k
+    cg, kk = c // g, k * k
+    acc = _acc_dtype(x.dtype)
+    need_kmap_grad = need_r or need_w or need_b
+    gx = torch.empty_like(x, memory_format=_fmt(x)) if need_x else None
+    grid = _use_grid(geo)
+    hw = geo.h_out * geo.w_out
+    rs = _r_grid(r, geo, acc) if grid else r.to(acc).contiguous().flatten(2)
+    grs = torch.zeros_like(rs) if need_r else None  # grad r (on the grid or compact, like rs)
+    gw2 = torch.zeros(w2.shape, dtype=acc, device=x.device) if need_w else None
+    gb2 = torch.zeros(b2.shape[0], dtype=acc, device=x.device) if need_b else None
+    xg = x.unflatten(1, (g, cg))
+    gog = grad_out.unflatten(1, (g, cg))
+    plan = _chunks(n, g, cg * (geo.phases * geo.flat + 2 * geo.length) + kk * geo.length, x, acc)
+    nb, gb = max(b[1] - b[0] for b in plan), max(b[3] - b[2] for b in plan)
+    opts = dict(dtype=acc, device=x.device)
+    go_buf = torch.empty((nb, gb, cg, geo.length), **opts)
+    # one buffer for the chunk's kernel map, then its grad; one for the grad_x phase planes, then the input's
+    w_store = torch.empty(nb * gb * kk * geo.length, **opts)
+    gxq_buf = xq_buf = torch.empty((nb, gb, cg, geo.phases, geo.flat), **opts)
+    tmp_buf = torch.empty((nb, gb, cg, geo.length), **opts) if need_kmap_grad else None
+    t_store = None if grid else torch.empty(nb * gb * kk * hw, **opts)  # compact kernel map / its grad
+
+    def build(a, b):
+        wq = _flat_view(w_store, (a, b, kk, geo.length))
+        kt = None if grid else _flat_view(t_store, (a, b * kk, hw))
+        return wq, kt, _x_tap_views(xq_buf[:a, :b], geo), _w_tap_views(wq, True), _w_tap_views(wq, False)
+
+    views = _ViewCache(build)
+    for n0, n1, g0, g1 in plan:
+        sl = (slice(None, n1 - n0), slice(None, g1 - g0))
+        wq, kt, xv, wv, gwv = views((n1 - n0, g1 - g0))
+        goq = _to_grid(go_buf[sl], gog[n0:n1, g0:g1], geo)  # junk columns are zero: they scatter nothing
+        if need_x:
+            _kmap_chunk_to_grid(wq, kt, w2, b2, rs, n0, n1, g0, g1, kk, geo)
+            gxq = gxq_buf[sl]
+            gxq.zero_()
+            gxc = gx.unflatten(1, (g, cg))[n0:n1, g0:g1]
+            if not geo.covers_input:
+                gxc.zero_()
+            for t in range(kk):
+                xv[t].addcmul_(goq, wv[t])
+            _unfill_phases(gxc, gxq, geo)
+        if need_kmap_grad:
+            xq, tmp = xq_buf[sl], tmp_buf[sl]
+            _fill_phases(xq, xg[n0:n1, g0:g1], geo)
+            for t in range(kk):
+                torch.sum(torch.mul(xv[t], goq, out=tmp), dim=2, out=gwv[t])
+            gk = wq.flatten(1, 2)  # (nb, gb*KK, L): grad kernel map on the grid, zero in the junk columns
+            if not grid:  # compact copy (nb, gb*KK, H_out*W_out)
+                kt.unflatten(-1, (geo.h_out, geo.w_out)).copy_(
+                    gk.unflatten(-1, (geo.h_out, geo.wq))[..., :geo.w_out])
+                gk = kt
+            rows = slice(g0 * kk, g1 * kk)
+            if need_r:
+                wc = w2[rows].t().unsqueeze(0).expand(n1 - n0, -1, -1)  # (nb, Cr, gb*KK)
+                grs[n0:n1].baddbmm_(wc, gk)
+            if need_w:
+                for i in range(n1 - n0):
+                    gw2[rows].addmm_(gk[i], rs[n0 + i].t())
+            if need_b:
+                gb2[rows] += gk.sum(dim=(0, 2))
+    gr = None
+    if need_r:
+        gr = grs.unflatten(-1, (geo.h_out, geo.wq if grid else geo.w_out))[..., :geo.w_out].to(r.dtype)
+        gr = gr.contiguous(memory_format=_fmt(r))
+    return gx, gr, gw2, gb2
+
+
+class _InvolutionSpanFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, r, span_weight, span_bias, k: int, stride: int, padding: int, dilation: int):
+        n, c, h, w = x.shape
+        ho, wo = r.shape[-2:]
+        g = span_weight.shape[0] // (k * k)
+        geo = _Geometry(h, w, k, stride, padding, dilation, ho, wo)
+        acc = _acc_dtype(x.dtype)
+        w2 = span_weight.reshape(span_weight.shape[0], -1).to(acc)  # (G*KK, Cr)
+        b2 = (span_bias.to(acc) if span_bias is not None
+              else span_weight.new_zeros(span_weight.shape[0], dtype=acc)).unsqueeze(1)  # (G*KK, 1)
+        ctx.save_for_backward(x, r, span_weight, span_bias)
+        ctx.args = (k, stride, padding, dilation, g, span_bias is not None)
+        return _forward_eager(x, r, w2, b2, geo, g)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, r, span_weight, span_bias = ctx.saved_tensors
+        k, stride, padding, dilation, g, has_bias = ctx.args
+        n, c, h, w = x.shape
+        ho, wo = r.shape[-2:]
+        geo = _Geometry(h, w, k, stride, padding, dilation, ho, wo)
+        acc = _acc_dtype(x.dtype)
+        w2 = span_weight.reshape(span_weight.shape[0], -1).to(acc)
+        b2 = (span_bias.to(acc) if has_bias else span_weight.new_zeros(span_weight.shape[0], dtype=acc)).unsqueeze(1)
+        need = ctx.needs_input_grad
+        gx, gr, gw2, gb2 = _backward_eager(x, r, w2, b2, grad_out, geo, g, need[0], need[1], need[2],
+                                           need[3] and has_bias)
+        gw = gw2.view(span_weight.shape).to(span_weight.dtype) if gw2 is not None else None
+        gb = gb2.to(span_bias.dtype) if gb2 is not None else None
+        return gx, gr, gw, gb, None, None, None, None
+
+
+def _check(x, r, span_weight, span_bias, k, stride, padding, dilation) -> None:
+    from . import output_size
+    if x.dim() != 4 or r.dim() != 4:
+        raise ValueError(f'involution_fused: x and r must be 4-D, got {tuple(x.shape)} and {tuple(r.shape)}')
+    n, c, h, w = x.shape
+    if span_weight.dim() not in (2, 4) or span_weight.shape[1] != r.shape[1] or \
+            (span_weight.dim() == 4 and span_weight.shape[2:] != (1, 1)):
+        raise ValueError(f'involution_fused: span weight must be (K*K*G, Cr[, 1, 1]) with Cr = r channels '
+                         f'({r.shape[1]}), got {tuple(span_weight.shape)}')
+    kk = k * k
+    if span_weight.shape[0] % kk:
+        raise ValueError(f'involution_fused: span weight rows ({span_weight.shape[0]}) not a multiple of K*K={kk}')
+    g = span_weight.shape[0] // kk
+    if c % g:
+        raise ValueError(f'involution_fused: channels ({c}) must be divisible by the number of groups ({g})')
+    if span_bias is not None and span_bias.shape != (span_weight.shape[0],):
+        raise ValueError(f'involution_fused: span bias must be ({span_weight.shape[0]},), got '
+                         f'{tuple(span_bias.shape)}')
+    if stride < 1 or dilation < 1 or padding < 0:
+        raise ValueError('involution_fused: need stride >= 1, dilation >= 1, padding >= 0')
+    expected = (output_size(h, k, stride, padding, dilation), output_size(w, k, stride, padding, dilation))
+    if r.shape[0] != n or tuple(r.shape[2:]) != expected:
+        raise ValueError(f'involution_fused: r must be (N={n}, Cr, {expected[0]}, {expected[1]}), '
+                         f'got {tuple(r.shape)}')
+    ts = [x, r, span_weight] + ([span_bias] if span_bias is not None else [])
+    if len({t.dtype for t in ts}) != 1 or len({t.device for t in ts}) != 1:
+        raise ValueError('involution_fused: x, r, span weight and bias must share dtype and device')
+
+
+def involution_span_unfused(x, r, span_weight, span_bias, k: int, stride: int = 1, padding: Optional[int] = None,
+                            dilation: int = 1, backend: str = 'auto') -> torch.Tensor:
+    """The same math unfused: span conv, then :func:`rednet.ops.involution` (any backend, compile, export)."""
+    from . import involution
+    if padding is None:
+        padding = dilation * (k - 1) // 2
+    weight = F.conv2d(r, span_weight.reshape(span_weight.shape[0], -1, 1, 1), span_bias)
+    n, _, h, w = weight.shape
+    weight = weight.view(n, -1, k, k, h, w)
+    return involution(x, weight, stride=stride, padding=padding, dilation=dilation, backend=backend)
+
+
+def involution_span_native(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor,
+                           span_bias: Optional[torch.Tensor], k: int, stride: int = 1,
+                           padding: Optional[int] = None, dilation: int = 1) -> torch.Tensor:
+    """``involution(x, span(r).view(N, G, K, K, H_out, W_out))`` without materialising the kernel map.
+
+    Args:
+        x: input (N, C, H, W).
+        r: reduced features (N, Cr, H_out, W_out) the kernel map is generated from.
+        span_weight: 1x1 conv weight (K*K*G, Cr, 1, 1) or (K*K*G, Cr); row ``(g*K + a)*K + b`` is tap (a, b)
+            of group g (the layout of ``weight.view(N, G, K, K, H_out, W_out)``).
+        span_bias: (K*K*G,) or None.
+        k, stride, padding (``None``: "same"), dilation: as for :func:`rednet.ops.involution`.
+
+    Eager PyTorch only; under ``torch.compile``, tracing or ONNX export it falls back to the unfused math with
+    the ``native`` backend. Under autocast the inputs are cast to the autocast dtype first.
+    """
+    if padding is None:
+        padding = dilation * (k - 1) // 2
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
+            or torch.jit.is_scripting():
+        return involution_span_unfused(x, r, span_weight, span_bias, k, stride, padding, dilation, 'native')
+    dev = x.device.type
+    try:
+        amp = torch.is_autocast_enabled(dev) and x.is_floating_point()
+    except (RuntimeError, TypeError):
+        amp = False
+    if amp:
+        dt = torch.get_autocast_dtype(dev)
+        x, r, span_weight = x.to(dt), r.to(dt), span_weight.to(dt)
+        span_bias = span_bias.to(dt) if span_bias is not None else None
+    _check(x, r, span_weight, span_bias, k, stride, padding, dilation)
+    if amp:  # the matmuls inside run in float32 (half inputs) and must not be re-cast by autocast
+        with torch.autocast(dev, enabled=False):
+            return _InvolutionSpanFunction.apply(x, r, span_weight, span_bias, k, stride, padding, dilation)
+    return _InvolutionSpanFunction.apply(x, r, span_weight, span_bias, k, stride, padding, dilation)
