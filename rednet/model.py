@@ -168,6 +168,7 @@ class RedNet(nn.Module):
             kernel_size: int = 7,
             global_pool: str = 'avg',
             involution_backend: str = 'auto',
+            fuse_span: bool = False,
             zero_init_last: bool = True,
     ):
         """
@@ -180,6 +181,8 @@ class RedNet(nn.Module):
             kernel_size: kernel of the bottlenecks' involutions.
             global_pool: timm pooling type of the head.
             involution_backend: backend of :func:`rednet.ops.involution` used by every involution.
+            fuse_span: fuse each involution's span conv into the native aggregation (less training memory,
+                slightly slower on CPU; see :class:`Involution`).
             zero_init_last: zero-initialise the last BN of every residual branch.
         """
         super().__init__()
@@ -204,6 +207,9 @@ class RedNet(nn.Module):
 
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        for m in self.modules():
+            if isinstance(m, Involution):
+                m.fuse_span = fuse_span
         self.init_weights(zero_init_last)
 
     @torch.jit.ignore

@@ -207,12 +207,11 @@ def test_whole_model_native_matches_reference():
             torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
     nat.load_state_dict(ref.state_dict())
     # a third model runs the fused span conv + aggregation (rednet.ops.fused) in every involution
-    fus = timm.create_model('rednet26', involution_backend='native', num_classes=10).double()
+    fus = timm.create_model('rednet26', involution_backend='native', num_classes=10, fuse_span=True).double()
     fus.load_state_dict(ref.state_dict())
     invs = [m for m in fus.modules() if hasattr(m, 'fuse_span')]
-    for m in invs:
-        m.fuse_span = True
-    assert invs and all(m._fused_ok(torch.zeros(1)) for m in invs)
+    assert len(invs) == 9 and all(m.fuse_span and m._fused_ok(torch.zeros(1)) for m in invs)
+    assert not any(m.fuse_span for m in nat.modules() if hasattr(m, 'fuse_span'))
     x = torch.randn(2, 3, 72, 88, dtype=torch.float64)  # stride-2 stages see odd and even sizes
     outs, grads = [], []
     for m in (ref, nat, fus):
