@@ -15,23 +15,18 @@ output, and ``grad_out`` is zero there, so they scatter nothing and get zero gra
 nothing to grad_r/weight). On small images, where the junk columns are a large fraction of the grid, the
 matmuls run on the compact H_out x W_out layout and a chunk-sized copy moves the result onto the grid.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .native import (_Geometry, _ViewCache, _acc_dtype, _chunks, _fill_phases, _to_grid, _unfill_phases,
-                     _w_tap_views, _x_tap_views)
+from .native import (_Geometry, _ViewCache, _acc_dtype, _chunks, _fill_phases, _grad_x_chunk, _memory_format,
+                     _to_grid, _w_tap_views, _x_tap_views)
 
 __all__ = ['involution_span_native', 'involution_span_unfused']
 
 # matmuls on the grid while its junk columns add at most this fraction of work (see _use_grid)
 _GRID_JUNK_RATIO = 0.15
-
-
-def _fmt(x: torch.Tensor):
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
 
 
 def _r_grid(r: torch.Tensor, geo: _Geometry, acc: torch.dtype) -> torch.Tensor:
@@ -80,7 +75,7 @@ def _forward_eager(x, r, w2, b2, geo: _Geometry, g: int) -> torch.Tensor:
     k = geo.k
     cg, kk = c // g, k * k
     acc = _acc_dtype(x.dtype)
-    out = torch.empty((n, c, geo.h_out, geo.w_out), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+    out = torch.empty((n, c, geo.h_out, geo.w_out), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     xg = x.unflatten(1, (g, cg))
     og = out.unflatten(1, (g, cg))
     grid = _use_grid(geo)
@@ -119,7 +114,7 @@ def _backward_eager(x, r, w2, b2, grad_out, geo: _Geometry, g: int, need_x: bool
     cg, kk = c // g, k * k
     acc = _acc_dtype(x.dtype)
     need_kmap_grad = need_r or need_w or need_b
-    gx = torch.empty_like(x, memory_format=_fmt(x)) if need_x else None
+    gx = torch.empty_like(x, memory_format=_memory_format(x)) if need_x else None
     grid = _use_grid(geo)
     hw = geo.h_out * geo.w_out
     rs = _r_grid(r, geo, acc) if grid else r.to(acc).contiguous().flatten(2)
@@ -150,14 +145,7 @@ def _backward_eager(x, r, w2, b2, grad_out, geo: _Geometry, g: int, need_x: bool
         goq = _to_grid(go_buf[sl], gog[n0:n1, g0:g1], geo)  # junk columns are zero: they scatter nothing
         if need_x:
             _kmap_chunk_to_grid(wq, kt, w2, b2, rs, n0, n1, g0, g1, kk, geo)
-            gxq = gxq_buf[sl]
-            gxq.zero_()
-            gxc = gx.unflatten(1, (g, cg))[n0:n1, g0:g1]
-            if not geo.covers_input:
-                gxc.zero_()
-            for t in range(kk):
-                xv[t].addcmul_(goq, wv[t])
-            _unfill_phases(gxc, gxq, geo)
+            _grad_x_chunk(gxq_buf[sl], gx.unflatten(1, (g, cg))[n0:n1, g0:g1], xv, wv, goq, geo)
         if need_kmap_grad:
             xq, tmp = xq_buf[sl], tmp_buf[sl]
             _fill_phases(xq, xg[n0:n1, g0:g1], geo)
@@ -180,7 +168,7 @@ def _backward_eager(x, r, w2, b2, grad_out, geo: _Geometry, g: int, need_x: bool
     gr = None
     if need_r:
         gr = grs.unflatten(-1, (geo.h_out, geo.wq if grid else geo.w_out))[..., :geo.w_out].to(r.dtype)
-        gr = gr.contiguous(memory_format=_fmt(r))
+        gr = gr.contiguous(memory_format=_memory_format(r))
     return gx, gr, gw2, gb2
 
 

@@ -157,13 +157,29 @@ class _ViewCache:
         return self.cache[key]
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for (strictly) channels_last inputs, so outputs and gradients keep the input's layout."""
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def _grad_x_chunk(gxq: torch.Tensor, gxc: torch.Tensor, xv, wv, goq: torch.Tensor, geo: _Geometry) -> None:
+    """grad_x of one chunk: scatter grad_out x w_t of every tap onto the phase planes ``gxq`` (whose tap
+    views are ``xv``), then unpack their inside into ``gxc``."""
+    gxq.zero_()
+    if not geo.covers_input:
+        gxc.zero_()
+    for t in range(len(xv)):
+        xv[t].addcmul_(goq, wv[t])
+    _unfill_phases(gxc, gxq, geo)
+
+
 def _forward_eager(x: torch.Tensor, weight: torch.Tensor, geo: _Geometry) -> torch.Tensor:
     n, c, _, _ = x.shape
     g, k = weight.shape[1], weight.shape[2]
     cg, kk = c // g, k * k
     acc = _acc_dtype(x.dtype)
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
+    fmt = _memory_format(x)
     out = torch.empty((n, c, geo.h_out, geo.w_out), dtype=x.dtype, device=x.device, memory_format=fmt)
     xg = x.unflatten(1, (g, cg))
     og = out.unflatten(1, (g, cg))
@@ -193,8 +209,7 @@ def _backward_eager(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tenso
     g, k = weight.shape[1], weight.shape[2]
     cg, kk = c // g, k * k
     acc = _acc_dtype(x.dtype)
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
+    fmt = _memory_format(x)
     gx = torch.empty_like(x, memory_format=fmt) if need_x else None
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
     xg = x.unflatten(1, (g, cg))
@@ -219,14 +234,7 @@ def _backward_eager(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tenso
         goq = _to_grid(go_buf[sl], gog[n0:n1, g0:g1], geo)  # junk columns are zero: they scatter nothing
         if need_x:
             _to_grid(w_buf[sl], wg[n0:n1, g0:g1], geo)
-            gxq = gxq_buf[sl]
-            gxq.zero_()
-            gxc = gx.unflatten(1, (g, cg))[n0:n1, g0:g1]
-            if not geo.covers_input:
-                gxc.zero_()
-            for t in range(kk):
-                xv[t].addcmul_(goq, wv[t])
-            _unfill_phases(gxc, gxq, geo)
+            _grad_x_chunk(gxq_buf[sl], gx.unflatten(1, (g, cg))[n0:n1, g0:g1], xv, wv, goq, geo)
         if need_w:
             xq, tmp, gwq = xq_buf[sl], tmp_buf[sl], gwq_buf[sl]
             _fill_phases(xq, xg[n0:n1, g0:g1], geo)
