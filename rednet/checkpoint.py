@@ -22,7 +22,8 @@ import torch.nn as nn
 from .engine import atomic_write
 from .model import DEPTHS
 
-__all__ = ['Checkpoint', 'load_model', 'model_from_checkpoint', 'load_weights', 'read_checkpoint', 'convert_state_dict', 'infer_model_args',
+__all__ = ['Checkpoint', 'load_model', 'model_from_checkpoint', 'load_weights', 'read_checkpoint',
+           'convert_state_dict', 'fit_state_dict', 'infer_model_args',
            'load_state_dict_strict', 'save_released', 'convert_checkpoint', 'CheckpointError']
 
 # what a released safetensors file carries about its data pipeline (timm pretrained_cfg keys)
@@ -203,17 +204,19 @@ def to_rednet_keys(state_dict: Dict[str, Any], source: str = 'state dict') -> Di
     return out
 
 
+def _stem_kernel_size(state_dict: Dict[str, torch.Tensor]) -> int:
+    """K of the stem involution: its span conv has K*K*G outputs, G = input channels / 16."""
+    groups = state_dict['stem.inv.span.weight'].shape[1] * 4 // 16  # span input = C/4
+    return math.isqrt(state_dict['stem.inv.span.weight'].shape[0] // groups)
+
+
 def infer_model_args(state_dict: Dict[str, torch.Tensor], source: str = 'state dict') -> Dict[str, Any]:
     """Depth, stem kernel size, input channels and class count, from the tensors alone."""
-    try:
-        span = state_dict['stem.inv.span.weight']
-        stem_in = state_dict['stem.conv1.conv.weight']
-    except KeyError as e:
-        raise CheckpointError(f'{source}: not a RedNet checkpoint (no {e.args[0]!r} after key conversion; '
-                              f'first keys: {list(state_dict)[:5]})') from None
-    groups = state_dict['stem.inv.reduce.conv.weight'].shape[1] // 16 if 'stem.inv.reduce.conv.weight' in \
-        state_dict else 2
-    stem_kernel_size = math.isqrt(span.shape[0] // groups)
+    for key in ('stem.inv.span.weight', 'stem.conv1.conv.weight'):
+        if key not in state_dict:
+            raise CheckpointError(f'{source}: not a RedNet checkpoint (no {key!r} after key conversion; '
+                                  f'first keys: {list(state_dict)[:5]})')
+    stem_kernel_size = _stem_kernel_size(state_dict)
     blocks = []
     for stage in range(1, 5):
         ids = {int(m.group(1)) for k in state_dict if (m := re.match(rf'layer{stage}\.(\d+)\.', k))}
@@ -223,7 +226,8 @@ def infer_model_args(state_dict: Dict[str, torch.Tensor], source: str = 'state d
         raise CheckpointError(f'{source}: blocks per stage {tuple(blocks)} match no RedNet depth '
                               f'({", ".join(f"{d}: {b}" for d, b in DEPTHS.items())})')
     fc = state_dict.get('fc.weight')
-    return dict(depth=by_blocks[tuple(blocks)], stem_kernel_size=stem_kernel_size, in_chans=stem_in.shape[1],
+    return dict(depth=by_blocks[tuple(blocks)], stem_kernel_size=stem_kernel_size,
+                in_chans=state_dict['stem.conv1.conv.weight'].shape[1],
                 num_classes=fc.shape[0] if fc is not None else 0)
 
 
@@ -246,41 +250,56 @@ def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=not allow_missing_head)
 
 
-def convert_state_dict(state_dict: Dict[str, Any], model: nn.Module, source: str = 'checkpoint',
-                       file_model_args: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
-    """timm's ``checkpoint_filter_fn``: any supported layout -> ``model``'s keys, with a clear error when
-    the file's stem kernel differs from the model's. Drops the head when the class counts differ."""
+def fit_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str = 'checkpoint',
+                   file_small_input: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+    """A state dict in this project's keys -> ``model``'s: a clear error when the file's stem kernel (or its
+    recorded ``small_input``) differs from the model's; the head dropped when the class counts differ; the first
+    conv adapted (as timm does) when the input channels differ."""
+    file_k = _stem_kernel_size(state_dict)
+    if file_k != model.stem.inv.kernel_size:
+        raise CheckpointError(
+            f'{source} has a stem involution with K={file_k} but the model was built with '
+            f'stem_kernel_size={model.stem.inv.kernel_size}; create it with stem_kernel_size={file_k}')
+    if file_small_input is not None and file_small_input != model.small_input:
+        raise CheckpointError(f'{source} was trained with small_input={file_small_input}; create the '
+                              f'model with small_input={file_small_input}')
+    fc = state_dict.get('fc.weight')
+    if fc is None or fc.shape[0] != model.num_classes:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
+    key = 'stem.conv1.conv.weight'
+    in_chans = model.stem.conv1.conv.in_channels
+    if state_dict[key].shape[1] != in_chans:  # e.g. RGB weights for a grayscale model, as timm does
+        from timm.models import adapt_input_conv
+        state_dict = {**state_dict, key: adapt_input_conv(in_chans, state_dict[key])}
+    return state_dict
+
+
+def convert_state_dict(state_dict: Dict[str, Any], model: nn.Module, source: str = 'checkpoint') \
+        -> Dict[str, torch.Tensor]:
+    """timm's ``checkpoint_filter_fn``: any supported layout (official, Paddle, ours) -> ``model``'s keys."""
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
         state_dict = state_dict['state_dict']
     state_dict = to_rednet_keys(state_dict, source)
-    file_args = {**infer_model_args(state_dict, source), **(file_model_args or {})}
-    model_k = model.stem.inv.kernel_size
-    if file_args['stem_kernel_size'] != model_k:
-        raise CheckpointError(
-            f'{source} has a stem involution with K={file_args["stem_kernel_size"]} but the model was built '
-            f'with stem_kernel_size={model_k}; create it with stem_kernel_size={file_args["stem_kernel_size"]}')
-    if 'small_input' in file_args and file_args['small_input'] != model.small_input:
-        raise CheckpointError(f'{source} was trained with small_input={file_args["small_input"]}; create the '
-                              f'model with small_input={file_args["small_input"]}')
-    if model.num_classes != file_args['num_classes']:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
-    in_chans = model.stem.conv1.conv.in_channels
-    if in_chans != file_args['in_chans']:  # e.g. RGB weights for a grayscale model, as timm does
-        from timm.models import adapt_input_conv
-        key = 'stem.conv1.conv.weight'
-        state_dict[key] = adapt_input_conv(in_chans, state_dict[key])
-    return state_dict
+    infer_model_args(state_dict, source)  # a clear error for a file that is not a RedNet
+    return fit_state_dict(state_dict, model, source)
+
+
+def _load_fitted(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
+                 file_small_input: Optional[bool]) -> bool:
+    """Fit ``state_dict`` (already in our keys) to ``model`` and load it strictly; True if the head was kept."""
+    state_dict = fit_state_dict(state_dict, model, source, file_small_input)
+    head_loaded = any(k.startswith('fc.') for k in state_dict)
+    load_state_dict_strict(model, state_dict, source, allow_missing_head=not head_loaded)
+    return head_loaded
 
 
 def load_weights(model: nn.Module, path: PathLike) -> None:
     """Load any supported file into an existing model (the head is kept fresh if class counts differ)."""
-    state_dict, _, file_args, _ = read_checkpoint(path)
-    state_dict = convert_state_dict(state_dict, model, str(path), file_args)
-    head_missing = not any(k.startswith('fc.') for k in state_dict)
-    if head_missing and model.num_classes:
+    ckpt = read_checkpoint(path)
+    if not _load_fitted(model, ckpt.state_dict, str(path), ckpt.model_args.get('small_input')) \
+            and model.num_classes:
         warnings.warn(f'{path}: classifier not loaded (file has a different class count or none); '
                       f'the head of {model.num_classes} classes is freshly initialised')
-    load_state_dict_strict(model, state_dict, str(path), allow_missing_head=head_missing)
 
 
 def load_model(path: PathLike, **overrides: Any) -> nn.Module:
@@ -298,11 +317,8 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str = 'checkpoint', **overri
     """:func:`load_model` for a checkpoint already read with :func:`read_checkpoint`."""
     import timm
     model = timm.create_model(ckpt.arch, **{**ckpt.model_args, **overrides})
-    file_args = {k: v for k, v in ckpt.model_args.items() if k not in overrides}
-    state_dict = convert_state_dict(ckpt.state_dict, model, source, file_args)
-    head_missing = not any(k.startswith('fc.') for k in state_dict)
-    load_state_dict_strict(model, state_dict, source, allow_missing_head=head_missing)
-    if not head_missing:  # the data pipeline of the file's classifier
+    small_input = None if 'small_input' in overrides else ckpt.model_args.get('small_input')
+    if _load_fitted(model, ckpt.state_dict, source, small_input):  # the data pipeline of the file's classifier
         model.pretrained_cfg = {**model.pretrained_cfg, **ckpt.pretrained_cfg}
     return model
 
