@@ -125,7 +125,8 @@ def build_model(cfg: DictConfig, num_classes: int, info: engine.DistInfo):
     model_args: Dict[str, Any] = dict(num_classes=num_classes, in_chans=3, **cfg.model.kwargs)
     if is_rednet(cfg.model.name):
         model_args.update(small_input=bool(small), stem_kernel_size=cfg.model.stem_kernel_size)
-        model = timm.create_model(cfg.model.name, involution_backend=cfg.model.involution_backend, **model_args)
+        model = timm.create_model(cfg.model.name, involution_backend=cfg.model.involution_backend,
+                                  fuse_span=cfg.model.fuse_span, **model_args)
     else:
         model = timm.create_model(cfg.model.name, **model_args)
         if small:  # CIFAR stem for timm ResNets: 3x3 stride-1 conv, no max-pool

@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from .ops import involution, involution_fused, resolve_backend
 
-__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS']
+__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'FUSE_MIN_PIXELS']
 
 # blocks per stage, by depth
 DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
@@ -34,17 +34,26 @@ DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
     152: (3, 8, 36, 3),
 }
 
+# fuse_span=None fuses the span conv into the native aggregation where the output map has at least this many
+# pixels (measured break-even on the 2-core CPU: between 14x14 and 16x16; see Involution)
+FUSE_MIN_PIXELS = 256
+
 
 class Involution(nn.Module):
     """Involution layer: per-pixel kernels generated from the input, shared across a group's channels.
 
     Kernel generation (official): optional ``AvgPool2d(stride)`` -> 1x1 conv C -> C/4 (no bias) + BN + ReLU
-    -> 1x1 conv C/4 -> K*K*G (bias). Aggregation: :func:`rednet.ops.involution`. With ``fuse_span=True``
-    and the ``native`` backend in eager mode, the last conv is fused into the aggregation
-    (:func:`rednet.ops.involution_fused`): the K*K*G-channel kernel map is never stored whole (RedNet-50 training
-    peak memory 1.26x -> 1.08x ResNet-50's on CPU) at the cost of recomputing it in backward (training about
-    2% slower on the 2-core CPU, hence off by default); ``reference``/``triton``, ``torch.compile`` and export
-    always run unfused. Set the attribute on the modules to switch a built model.
+    -> 1x1 conv C/4 -> K*K*G (bias). Aggregation: :func:`rednet.ops.involution`.
+
+    ``fuse_span``: with the ``native`` backend in eager mode the last conv can be fused into the aggregation
+    (:func:`rednet.ops.involution_fused`): the K*K*G-channel kernel map (3x the feature map) is never stored
+    whole and is recomputed chunk by chunk in backward. Measured on the 2-core CPU (``fwd+bwd`` of one layer,
+    fused / unfused time): 0.83 at (8, 64, 56x56), 0.61 at (64, 64, 32x32), 1.00 at (8, 128, 28x28), but 1.10 at
+    (8, 256, 14x14) and 1.21 at (8, 512, 7x7), where the recomputation and the per-chunk overheads are not repaid.
+    ``None`` (default) therefore fuses where the output map has at least :data:`FUSE_MIN_PIXELS` pixels,
+    ``True``/``False`` force it on/off everywhere (``True``: least memory, RedNet-50 training peak 1.08x
+    ResNet-50's instead of 1.26x unfused). ``reference``/``triton``, ``torch.compile`` and export always run
+    unfused. Set the attribute on the modules to switch a built model.
     """
 
     def __init__(
@@ -55,7 +64,7 @@ class Involution(nn.Module):
             group_channels: int = 16,
             reduction_ratio: int = 4,
             backend: str = 'auto',
-            fuse_span: bool = False,
+            fuse_span: Optional[bool] = None,
     ):
         super().__init__()
         if channels % group_channels:
@@ -72,7 +81,8 @@ class Involution(nn.Module):
         self.reduce = ConvNormAct(channels, channels // reduction_ratio, 1)
         self.span = nn.Conv2d(channels // reduction_ratio, kernel_size * kernel_size * self.groups, 1)
         # fuse the span conv into the native aggregation (eager only): the K*K*G-channel kernel map is then
-        # computed chunk by chunk and never stored whole (:mod:`rednet.ops.fused`); same parameters and math
+        # computed chunk by chunk and never stored whole (:mod:`rednet.ops.fused`); same parameters and math.
+        # None = where the output map is large enough for it to pay off
         self.fuse_span = fuse_span
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
@@ -81,9 +91,14 @@ class Involution(nn.Module):
             return False
         return resolve_backend(self.backend, x) == 'native'
 
+    def _fuse(self, x: torch.Tensor, r: torch.Tensor) -> bool:
+        if self.fuse_span is False or not self._fused_ok(x):
+            return False
+        return self.fuse_span is not None or r.shape[-2] * r.shape[-1] >= FUSE_MIN_PIXELS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.reduce(self.pool(x))
-        if self.fuse_span and self._fused_ok(x):
+        r = self.reduce(self.pool(x))  # one row of r per output pixel
+        if self._fuse(x, r):
             return involution_fused(x, r, self.span.weight, self.span.bias, self.kernel_size, self.stride)
         weight = self.span(r)
         n, _, h, w = weight.shape
@@ -168,7 +183,7 @@ class RedNet(nn.Module):
             kernel_size: int = 7,
             global_pool: str = 'avg',
             involution_backend: str = 'auto',
-            fuse_span: bool = False,
+            fuse_span: Optional[bool] = None,
             zero_init_last: bool = True,
     ):
         """
@@ -181,8 +196,9 @@ class RedNet(nn.Module):
             kernel_size: kernel of the bottlenecks' involutions.
             global_pool: timm pooling type of the head.
             involution_backend: backend of :func:`rednet.ops.involution` used by every involution.
-            fuse_span: fuse each involution's span conv into the native aggregation (less training memory,
-                slightly slower on CPU; see :class:`Involution`).
+            fuse_span: fuse each involution's span conv into the native aggregation: ``None`` where it is
+                faster (large feature maps), ``True`` everywhere (least memory), ``False`` nowhere
+                (see :class:`Involution`).
             zero_init_last: zero-initialise the last BN of every residual branch.
         """
         super().__init__()

@@ -6,7 +6,9 @@ Prints markdown tables:
    gradients, i.e. what the operator itself needs), and speedup vs ``reference``;
 2. whole models: one SGD training step and one inference pass (eval mode, no grad) for RedNet-26/50 per
    backend against torchvision ResNet-50 and timm ResNet-26 (a ResNet of RedNet-26's depth): img/s, peak
-   memory allocated during the step, and ratios vs ResNet-50.
+   memory allocated during the step, and ratios vs ResNet-50; with ``--bounds`` also two lower-bound RedNet
+   variants whose involutions (or only their aggregation) are replaced by free stand-ins, i.e. the speed no
+   involution kernel can beat in that mode.
 
 Repeats are interleaved round-robin across the compared variants, so background load hits all of them alike;
 ratios from one run are what count. Times are medians; the minimum (best of the repeats) is printed beside
@@ -20,6 +22,7 @@ allocated before the measured call.
     python scripts/benchmark.py --device cuda --dtype bfloat16 --backends native,triton,reference
     python scripts/benchmark.py --models-only --models rednet50,resnet50 --compile
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native-fused,native-unfused
+    python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native --bounds
 """
 import argparse
 import gc
@@ -150,8 +153,43 @@ def bench_ops(args, device, dtype, backends) -> None:
 
 
 # model-only pseudo backend suffixes: 'native-fused' / 'native-unfused' = native aggregation with the span conv
-# fused into it (rednet.ops.fused) or run separately, whatever Involution.fuse_span defaults to
+# fused into it (rednet.ops.fused) everywhere or nowhere; plain `native` uses the default (fuse_span=None: fused on
+# large feature maps only)
 FUSE_SUFFIXES = {'-unfused': False, '-fused': True}
+
+
+class _FreeAggregation(torch.autograd.Function):
+    """Stand-in for the aggregation that costs (almost) nothing: returns the input subsampled by the stride and
+    a zero kernel-map gradient, so the kernel generator still runs forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride):
+        ctx.shapes, ctx.stride = (x.shape, weight.shape), stride
+        return x[:, :, ::stride, ::stride]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x_shape, w_shape), s = ctx.shapes, ctx.stride
+        if s == 1:
+            gx = grad_out
+        else:
+            gx = grad_out.new_zeros(x_shape)
+            gx[:, :, ::s, ::s] = grad_out
+        return gx, grad_out.new_zeros(()).expand(w_shape), None
+
+
+def _free_aggregation(self, x):
+    weight = self.span(self.reduce(self.pool(x)))
+    return _FreeAggregation.apply(x, weight, self.stride)
+
+
+def _free_involution(self, x):
+    return x[:, :, ::self.stride, ::self.stride]
+
+
+# model-only lower-bound variants (--bounds): every involution layer replaced by a free stand-in, to show what
+# RedNet would cost if the aggregation (or the whole involution, kernel generator included) took no time
+BOUNDS = {'bound: free aggregation': _free_aggregation, 'bound: free involution': _free_involution}
 
 
 def build_model(name: str, backend: str):
@@ -159,6 +197,14 @@ def build_model(name: str, backend: str):
     if name == 'resnet50':
         import torchvision
         return torchvision.models.resnet50()
+    if name.startswith('rednet') and backend in BOUNDS:
+        import types
+        from rednet.model import Involution
+        model = timm.create_model(name)
+        for mod in model.modules():
+            if isinstance(mod, Involution):
+                mod.forward = types.MethodType(BOUNDS[backend], mod)
+        return model
     if name.startswith('rednet'):
         fuse = None
         for suffix, value in FUSE_SUFFIXES.items():
@@ -183,6 +229,8 @@ def bench_models(args, device, dtype, backends) -> None:
     for name in args.models.split(','):
         if name.startswith('rednet'):
             variants += [(name, b) for b in backends if b != 'auto']
+            if args.bounds:
+                variants += [(name, b) for b in BOUNDS]
         else:
             variants.append((name, None))
     gen = torch.Generator().manual_seed(0)
@@ -262,6 +310,9 @@ def main(argv=None) -> None:
                    help='comma-separated involution backends (default: reference,native and triton on CUDA); '
                         'for the models also native-fused / native-unfused (span conv fused into the '
                         'aggregation or not)')
+    p.add_argument('--bounds', action='store_true',
+                   help='add lower-bound RedNet variants whose involutions (or just their aggregation) cost '
+                        'nothing: the fastest any involution kernel could make the model')
     p.add_argument('--compile', action='store_true', help='torch.compile the models (slow to compile on CPU)')
     p.add_argument('--channels-last', action='store_true', help='models and inputs in channels_last')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')

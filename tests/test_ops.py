@@ -201,26 +201,39 @@ def test_whole_model_native_matches_reference():
     import timm
     torch.manual_seed(0)
     ref = timm.create_model('rednet26', involution_backend='reference', num_classes=10).double()
-    nat = timm.create_model('rednet26', involution_backend='native', num_classes=10).double()
+    nat = timm.create_model('rednet26', involution_backend='native', num_classes=10, fuse_span=False).double()
     for mod in ref.modules():  # non-zero last BN so that every involution contributes to the output
         if isinstance(mod, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
     nat.load_state_dict(ref.state_dict())
-    # a third model runs the fused span conv + aggregation (rednet.ops.fused) in every involution
+    # a third model runs the fused span conv + aggregation (rednet.ops.fused) in every involution, a fourth
+    # (the default, fuse_span=None) only where the output map has >= FUSE_MIN_PIXELS pixels
     fus = timm.create_model('rednet26', involution_backend='native', num_classes=10, fuse_span=True).double()
+    auto = timm.create_model('rednet26', involution_backend='native', num_classes=10).double()
     fus.load_state_dict(ref.state_dict())
+    auto.load_state_dict(ref.state_dict())
     invs = [m for m in fus.modules() if hasattr(m, 'fuse_span')]
     assert len(invs) == 9 and all(m.fuse_span and m._fused_ok(torch.zeros(1)) for m in invs)
     assert not any(m.fuse_span for m in nat.modules() if hasattr(m, 'fuse_span'))
     x = torch.randn(2, 3, 72, 88, dtype=torch.float64)  # stride-2 stages see odd and even sizes
+    import rednet.model as model_mod
+    fused_calls = []
+    real_fused = model_mod.involution_fused
     outs, grads = [], []
-    for m in (ref, nat, fus):
+    for m in (ref, nat, fus, auto):
         m.train()
-        out = m(x)
+        fused_calls.clear()
+        model_mod.involution_fused = lambda *a, **k: fused_calls.append(a[1].shape[-2:]) or real_fused(*a, **k)
+        try:
+            out = m(x)
+        finally:
+            model_mod.involution_fused = real_fused
         out.square().sum().backward()
         outs.append(out.detach())
         grads.append({k: p.grad for k, p in m.named_parameters()})
-    for i in (1, 2):
+    # auto: the stem (36x44) and stage 1 (18x22) are fused, stages 2-4 (9x11 and smaller) are not
+    assert [tuple(s) for s in fused_calls] == [(36, 44), (18, 22)]
+    for i in (1, 2, 3):
         torch.testing.assert_close(outs[i], outs[0], rtol=1e-9, atol=1e-9)
         assert grads[0].keys() == grads[i].keys()
         for k in grads[0]:
@@ -368,8 +381,8 @@ def test_involution_module_fuses_native_only(monkeypatch):
     monkeypatch.setattr(model_mod, 'involution_fused', lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     mods = {b: Involution(32, 7, 2, backend=b, fuse_span=True).double() for b in ('reference', 'native', 'auto')}
-    mods['unfused'] = Involution(32, 7, 2, backend='native').double()
-    assert not mods['unfused'].fuse_span  # off by default
+    mods['unfused'] = Involution(32, 7, 2, backend='native', fuse_span=False).double()
+    assert Involution(32, 7).fuse_span is None  # by default: where the feature map is large enough
     keys = set(mods['reference'].state_dict())
     assert keys == {'reduce.conv.weight', 'reduce.bn.weight', 'reduce.bn.bias', 'reduce.bn.running_mean',
                     'reduce.bn.running_var', 'reduce.bn.num_batches_tracked', 'span.weight', 'span.bias'}
