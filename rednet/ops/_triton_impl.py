@@ -17,6 +17,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(ROWS, COLS, G, CG, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's (sample, group), its tile of BLOCK_P pixels of a ROWS x COLS map (row, column, mask) and
+    the group's channels (indices, mask)."""
+    pid_ng = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)
+    g = pid_ng % G
+    return pid_ng // G, g, p // COLS, p % COLS, p < ROWS * COLS, g * CG + c, c < CG
+
+
+@triton.jit
+def _tap_source(i, j, a, b, H, W, pmask, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr):
+    """Input row and column that tap (a, b) of output pixels (i, j) reads, clamped to 0 where outside the image,
+    and the mask of the pixels whose read is inside."""
+    hi = i * STRIDE + a * DIL - PAD
+    wi = j * STRIDE + b * DIL - PAD
+    ok = pmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    return tl.where(ok, hi, 0), tl.where(ok, wi, 0), ok
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, out_ptr,
                 H, W, HO, WO, G, CG,
                 sxn, sxc, sxh, sxw,
@@ -24,17 +45,7 @@ def _fwd_kernel(x_ptr, w_ptr, out_ptr,
                 son, soc, soh, sow,
                 K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_ng = tl.program_id(1).to(tl.int64)
-    n = pid_ng // G
-    g = pid_ng % G
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HO * WO
-    i = p // WO
-    j = p % WO
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < CG
-    ch = g * CG + c
+    n, g, i, j, pmask, ch, cmask = _tile(HO, WO, G, CG, BLOCK_C, BLOCK_P)
     x_base = x_ptr + n * sxn + ch[:, None] * sxc
     w_base = w_ptr + n * swn + g * swg + i * swh + j * sww
     if ACC_F64:
@@ -42,13 +53,8 @@ def _fwd_kernel(x_ptr, w_ptr, out_ptr,
     else:
         acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for a in tl.static_range(K):
-        hi = i * STRIDE + a * DIL - PAD
-        hok = (hi >= 0) & (hi < H)
-        hi = tl.where(hok, hi, 0)
         for b in tl.static_range(K):
-            wi = j * STRIDE + b * DIL - PAD
-            ok = pmask & hok & (wi >= 0) & (wi < W)
-            wi = tl.where(ok, wi, 0)
+            hi, wi, ok = _tap_source(i, j, a, b, H, W, pmask, STRIDE, PAD, DIL)
             wv = tl.load(w_base + (a * K + b) * swt, mask=pmask, other=0.0).to(acc.dtype)
             xv = tl.load(x_base + hi[None, :] * sxh + wi[None, :] * sxw,
                          mask=cmask[:, None] & ok[None, :], other=0.0).to(acc.dtype)
@@ -65,17 +71,7 @@ def _bwd_x_kernel(go_ptr, w_ptr, gx_ptr,
                   sxn, sxc, sxh, sxw,
                   K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_ng = tl.program_id(1).to(tl.int64)
-    n = pid_ng // G
-    g = pid_ng % G
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < H * W
-    y = p // W
-    z = p % W
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < CG
-    ch = g * CG + c
+    n, g, y, z, pmask, ch, cmask = _tile(H, W, G, CG, BLOCK_C, BLOCK_P)
     go_base = go_ptr + n * sgn + ch[:, None] * sgc
     w_base = w_ptr + n * swn + g * swg
     if ACC_F64:
@@ -110,17 +106,7 @@ def _bwd_w_kernel(x_ptr, go_ptr, gw_ptr,
                   swn, swg, swt, swh, sww,
                   K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_ng = tl.program_id(1).to(tl.int64)
-    n = pid_ng // G
-    g = pid_ng % G
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HO * WO
-    i = p // WO
-    j = p % WO
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < CG
-    ch = g * CG + c
+    n, g, i, j, pmask, ch, cmask = _tile(HO, WO, G, CG, BLOCK_C, BLOCK_P)
     gv = tl.load(go_ptr + n * sgn + ch[:, None] * sgc + i[None, :] * sgh + j[None, :] * sgw,
                  mask=cmask[:, None] & pmask[None, :], other=0.0)
     if ACC_F64:
@@ -130,13 +116,8 @@ def _bwd_w_kernel(x_ptr, go_ptr, gw_ptr,
     x_base = x_ptr + n * sxn + ch[:, None] * sxc
     gw_base = gw_ptr + n * swn + g * swg + i * swh + j * sww
     for a in tl.static_range(K):
-        hi = i * STRIDE + a * DIL - PAD
-        hok = (hi >= 0) & (hi < H)
-        hi = tl.where(hok, hi, 0)
         for b in tl.static_range(K):
-            wi = j * STRIDE + b * DIL - PAD
-            ok = pmask & hok & (wi >= 0) & (wi < W)
-            wi = tl.where(ok, wi, 0)
+            hi, wi, ok = _tap_source(i, j, a, b, H, W, pmask, STRIDE, PAD, DIL)
             xv = tl.load(x_base + hi[None, :] * sxh + wi[None, :] * sxw,
                          mask=cmask[:, None] & ok[None, :], other=0.0).to(gv.dtype)
             s = tl.sum(xv * gv, axis=0)
