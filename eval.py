@@ -9,7 +9,6 @@ The model is built from the file alone (``rednet.load_model``) and evaluated wit
 Prints a one-line summary and writes ``eval.json`` in the run directory (``hydra.run.dir``).
 """
 import json
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -155,8 +154,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == '__main__':
-    problem = check_eval_overrides(sys.argv[1:])
-    if problem:
-        print(f'error: {problem}', file=sys.stderr)
-        sys.exit(2)
+    engine.check_cli(check_eval_overrides)
     main()

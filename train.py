@@ -12,7 +12,6 @@ schedule, loss, resume, then the epoch loop (train, evaluate, log, checkpoint). 
 ``rednet/train_config.py``.
 """
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -412,8 +411,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == '__main__':
-    problem = check_overrides(sys.argv[1:])
-    if problem:
-        print(f'error: {problem}', file=sys.stderr)
-        sys.exit(2)
+    engine.check_cli(check_overrides)
     main()

@@ -84,6 +84,15 @@ def log(*args: Any) -> None:
         print(*args, flush=True)
 
 
+def check_cli(check: Callable[[List[str]], Optional[str]]) -> None:
+    """Before Hydra composes anything: exit 2 with ``error: ...`` when ``check`` finds a problem in the command
+    line's overrides (an unknown key, with the valid ones listed)."""
+    problem = check(sys.argv[1:])
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
+        sys.exit(2)
+
+
 def run_cli(body: Callable[[Any], Any], cfg: Any, exit_codes: Dict[type, int]) -> None:
     """Run an entry point's body: an expected error (a type in ``exit_codes``) prints ``error: ...`` and exits
     with its code instead of a traceback; the process group is torn down either way."""

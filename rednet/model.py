@@ -12,7 +12,7 @@ the official code's. Differences, each documented where it lives:
 - ``small_input=True`` builds a stem for 32x32 data sets (CIFAR, digits): stride-1 first conv and no max-pool;
 - ``stem_kernel_size=7`` builds the detection/segmentation variant of the stem.
 """
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn

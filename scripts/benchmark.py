@@ -34,7 +34,6 @@ import time
 from typing import Callable, Dict, List
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))

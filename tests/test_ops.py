@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rednet  # noqa: F401  (registers the models with timm)
-from rednet.ops import (BACKENDS, involution, involution_fused, involution_reference, involution_span_unfused,
+from rednet.ops import (BACKENDS, involution, involution_fused, involution_span_unfused,
                         output_size, resolve_backend)
 from rednet.ops import native as native_mod
 
