@@ -9,6 +9,8 @@ Prints markdown tables:
    memory allocated during the step, and ratios vs ResNet-50; with ``--bounds`` also two lower-bound RedNet
    variants whose involutions (or only their aggregation) are replaced by free stand-ins, i.e. the speed no
    involution kernel can beat in that mode.
+3. one involution layer, training forward+backward with its span conv fused into the aggregation or not
+   (what ``fuse_span=None`` decides by).
 
 Repeats are interleaved round-robin across the compared variants, so background load hits all of them alike;
 ratios from one run are what count. Times are medians; the minimum (best of the repeats) is printed beside
@@ -23,6 +25,9 @@ allocated before the measured call.
     python scripts/benchmark.py --models-only --models rednet50,resnet50 --compile
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native-fused,native-unfused
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native --bounds
+    python scripts/benchmark.py --fuse-only          # one layer, span conv fused vs unfused (fuse_span's threshold)
+    python scripts/benchmark.py --models-only --models rednet50 --backends native,native-fused,native-unfused \
+        --small-input --img-size 32 --batch 64     # CIFAR-sized training
 """
 import argparse
 import gc
@@ -151,6 +156,41 @@ def bench_ops(args, device, dtype, backends) -> None:
         gc.collect()
 
 
+# (N, C, H=W, stride) of the fused-vs-unfused layer table: RedNet-50's involutions at 224x224 (batch 8) and with
+# the small-input stem at 32x32 (CIFAR, batch 64)
+FUSE_SHAPES = [(8, 64, 56, 1), (8, 128, 56, 2), (8, 128, 28, 1), (8, 256, 14, 1), (8, 512, 7, 1),
+               (64, 64, 32, 1), (64, 128, 32, 2), (64, 128, 16, 1), (64, 256, 8, 1), (64, 512, 4, 1)]
+
+
+def bench_fuse(args, device, dtype) -> None:
+    """One Involution layer (kernel generator + native aggregation), training forward+backward, with the span conv
+    fused into the aggregation or not: the measurement behind ``fuse_span=None``'s pixel threshold."""
+    from rednet.model import FUSE_MIN_PIXELS, Involution
+    print(f'\n### One involution layer (native), fwd+bwd, span conv fused vs unfused, {dtype_name(dtype)}, '
+          f'{device_desc(device)}\n')
+    print('| shape (N, C, H=W), stride | output pixels | unfused ms (min) | fused ms (min) | fused / unfused '
+          '| default (fuse_span=None) |')
+    print('|---|---|---|---|---|---|')
+    for n, c, h, s in FUSE_SHAPES:
+        torch.manual_seed(0)
+        layer = Involution(c, 7, s, backend='native').to(device)
+        x = torch.randn(n, c, h, h, device=device, requires_grad=True)
+
+        def step(fuse):
+            layer.fuse_span = fuse
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = layer(x)
+            torch.autograd.grad(out, [x] + list(layer.parameters()), torch.ones_like(out))
+
+        times = interleaved_times({'unfused': lambda: step(False), 'fused': lambda: step(True)}, args.repeats,
+                                  device)
+        t = med(times)
+        pixels = (-(-h // s)) ** 2
+        print(f'| {(n, c, h)}, {s} | {pixels} | {t["unfused"] * 1e3:.1f} ({min(times["unfused"]) * 1e3:.1f}) '
+              f'| {t["fused"] * 1e3:.1f} ({min(times["fused"]) * 1e3:.1f}) | {t["fused"] / t["unfused"]:.2f} '
+              f'| {"fused" if pixels >= FUSE_MIN_PIXELS else "unfused"} |', flush=True)
+
+
 # model-only pseudo backend suffixes: 'native-fused' / 'native-unfused' = native aggregation with the span conv
 # fused into it (rednet.ops.fused) everywhere or nowhere; plain `native` uses the default (fuse_span=None: fused on
 # large feature maps only)
@@ -191,7 +231,7 @@ def _free_involution(self, x):
 BOUNDS = {'bound: free aggregation': _free_aggregation, 'bound: free involution': _free_involution}
 
 
-def build_model(name: str, backend: str):
+def build_model(name: str, backend: str, small_input: bool = False):
     import timm
     if name == 'resnet50':
         import torchvision
@@ -199,7 +239,7 @@ def build_model(name: str, backend: str):
     if name.startswith('rednet') and backend in BOUNDS:
         import types
         from rednet.model import Involution
-        model = timm.create_model(name)
+        model = timm.create_model(name, small_input=small_input)
         for mod in model.modules():
             if isinstance(mod, Involution):
                 mod.forward = types.MethodType(BOUNDS[backend], mod)
@@ -209,7 +249,7 @@ def build_model(name: str, backend: str):
         for suffix, value in FUSE_SUFFIXES.items():
             if backend.endswith(suffix):
                 backend, fuse = backend[:-len(suffix)], value
-        model = timm.create_model(name, involution_backend=backend)
+        model = timm.create_model(name, involution_backend=backend, small_input=small_input)
         if fuse is not None:  # span conv fused into the native aggregation or not (rednet.ops.fused)
             for mod in model.modules():
                 if hasattr(mod, 'fuse_span'):
@@ -223,7 +263,8 @@ def bench_models(args, device, dtype, backends) -> None:
     amp = dtype != torch.float32
     mode = ('compiled' if args.compile else 'eager') + (f', autocast {dtype_name(dtype)}' if amp else ', float32') \
         + (', channels_last' if args.channels_last else '')
-    print(f'\n### Whole models, batch {batch}, {size}x{size}, {mode}, {device_desc(device)}\n')
+    stem = ', RedNets with the small-input stem' if args.small_input else ''
+    print(f'\n### Whole models, batch {batch}, {size}x{size}{stem}, {mode}, {device_desc(device)}\n')
     variants = []
     for name in args.models.split(','):
         if name.startswith('rednet'):
@@ -240,7 +281,7 @@ def bench_models(args, device, dtype, backends) -> None:
     train_fns, infer_fns, labels = {}, {}, {}
     for name, b in variants:
         key = name if b is None else f'{name} ({b})'
-        model = build_model(name, b).to(device)
+        model = build_model(name, b, args.small_input).to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -318,8 +359,12 @@ def main(argv=None) -> None:
     p.add_argument('--repeats', type=int, default=5, help='timed repeats per operator measurement')
     p.add_argument('--model-repeats', type=int, default=3, help='timed repeats per model measurement')
     only = p.add_mutually_exclusive_group()
+    p.add_argument('--small-input', action='store_true',
+                   help='RedNets with the 32x32 stem (small_input=True; use with e.g. --img-size 32 --batch 64)')
     only.add_argument('--ops-only', action='store_true')
     only.add_argument('--models-only', action='store_true')
+    only.add_argument('--fuse-only', action='store_true',
+                      help='only the table of one involution layer with the span conv fused vs unfused')
     args = p.parse_args(argv)
 
     if args.threads:
@@ -333,9 +378,12 @@ def main(argv=None) -> None:
     print(f'torch {torch.__version__}, {device_desc(device)}, dtype {args.dtype}, backends {",".join(backends)}, '
           f'{load_desc()}')
     t0 = time.time()
-    if not args.models_only:
+    everything = not (args.ops_only or args.models_only or args.fuse_only)
+    if everything or args.ops_only:
         bench_ops(args, device, dtype, backends)
-    if not args.ops_only:
+    if everything or args.fuse_only:
+        bench_fuse(args, device, dtype)
+    if everything or args.models_only:
         bench_models(args, device, dtype, backends)
     print(f'\n({time.time() - t0:.0f} s; {load_desc()})')
 
