@@ -89,7 +89,7 @@ class Involution(nn.Module):
         if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
                 or torch.jit.is_scripting():
             return False
-        return resolve_backend(self.backend, x) == 'native'
+        return resolve_backend(self.backend, x) in ('native', 'cpp')
 
     def _fuse(self, x: torch.Tensor, r: torch.Tensor) -> bool:
         if self.fuse_span is False or not self._fused_ok(x):
@@ -99,7 +99,8 @@ class Involution(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.reduce(self.pool(x))  # one row of r per output pixel
         if self._fuse(x, r):
-            return involution_fused(x, r, self.span.weight, self.span.bias, self.kernel_size, self.stride)
+            return involution_fused(x, r, self.span.weight, self.span.bias, self.kernel_size, self.stride,
+                                    backend=resolve_backend(self.backend, x))
         weight = self.span(r)
         n, _, h, w = weight.shape
         weight = weight.view(n, self.groups, self.kernel_size, self.kernel_size, h, w)

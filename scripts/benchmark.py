@@ -347,7 +347,7 @@ def main(argv=None) -> None:
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--models', default='resnet50,resnet26,rednet26,rednet50')
     p.add_argument('--backends', default=None,
-                   help='comma-separated involution backends (default: reference,native and triton on CUDA); '
+                   help='comma-separated involution backends (default: reference,native and cpp on the CPU, triton on CUDA); '
                         'for the models also native-fused / native-unfused (span conv fused into the '
                         'aggregation or not)')
     p.add_argument('--bounds', action='store_true',
@@ -374,7 +374,7 @@ def main(argv=None) -> None:
     if args.backends:
         backends = args.backends.split(',')
     else:
-        backends = ['reference', 'native'] + (['triton'] if device.type == 'cuda' else [])
+        backends = ['reference', 'native'] + (['triton'] if device.type == 'cuda' else ['cpp'])
     print(f'torch {torch.__version__}, {device_desc(device)}, dtype {args.dtype}, backends {",".join(backends)}, '
           f'{load_desc()}')
     t0 = time.time()

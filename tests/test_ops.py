@@ -26,6 +26,10 @@ CASES = [
 ]
 
 
+# the fast backends, each checked against the reference
+FAST = ('native', 'cpp')
+
+
 def _ids(case):
     n, c, h, w, g, k, s, d, p = case
     return f'n{n}c{c}_{h}x{w}_g{g}_k{k}_s{s}_d{d}' + ('' if p is None else f'_p{p}')
@@ -58,11 +62,12 @@ def _assert_close(got, want, **tol):
         torch.testing.assert_close(a, b, msg=lambda m: f'{name}: {m}', **tol)
 
 
+@pytest.mark.parametrize('backend', FAST)
 @pytest.mark.parametrize('case', CASES, ids=_ids)
-def test_native_matches_reference_float64(case):
+def test_fast_matches_reference_float64(case, backend):
     x, weight, grad_out, kw = _make(case)
     want = _run(x, weight, grad_out, kw, 'reference')
-    got = _run(x, weight, grad_out, kw, 'native')
+    got = _run(x, weight, grad_out, kw, backend)
     _assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -79,16 +84,18 @@ def test_functional_path_matches_reference(case):
     _assert_close((out, gx, gw), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('backend', FAST)
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('size', [(5, 6), (7, 7)])
-def test_native_gradcheck(stride, size):
+def test_fast_gradcheck(stride, size, backend):
     x, weight, _, kw = _make((2, 4, size[0], size[1], 2, 3, stride, 1, None))
     x.requires_grad_(True)
     weight.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: involution(a, b, backend='native', **kw), (x, weight))
+    assert torch.autograd.gradcheck(lambda a, b: involution(a, b, backend=backend, **kw), (x, weight))
 
 
-def test_native_stride2_gradients_hard():
+@pytest.mark.parametrize('backend', FAST)
+def test_fast_stride2_gradients_hard(backend):
     # stride-2 gradients for every parity of size and many shapes: where hand-written kernels broke
     for h in range(5, 12):
         for w in (6, 9):
@@ -96,38 +103,40 @@ def test_native_stride2_gradients_hard():
                 case = (1, 4, h, w, 2, k, 2, 1, None)
                 x, weight, grad_out, kw = _make(case, seed=h * 100 + w + k)
                 want = _run(x, weight, grad_out, kw, 'reference')
-                got = _run(x, weight, grad_out, kw, 'native')
+                got = _run(x, weight, grad_out, kw, backend)
                 _assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_native_channels_last_and_noncontiguous():
+@pytest.mark.parametrize('backend', FAST)
+def test_fast_channels_last_and_noncontiguous(backend):
     case = (2, 16, 13, 11, 4, 7, 2, 1, None)
     x, weight, grad_out, kw = _make(case)
     want = _run(x, weight, grad_out, kw, 'reference')
     # channels_last input
-    got = _run(x, weight, grad_out, kw, 'native', x_transform=lambda t: t.to(memory_format=torch.channels_last))
+    got = _run(x, weight, grad_out, kw, backend, x_transform=lambda t: t.to(memory_format=torch.channels_last))
     _assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     # non-contiguous (transposed-storage) views for x, weight and grad_out: same values, odd strides
-    got = _run(x, weight, grad_out.transpose(2, 3).contiguous().transpose(2, 3), kw, 'native',
+    got = _run(x, weight, grad_out.transpose(2, 3).contiguous().transpose(2, 3), kw, backend,
                x_transform=lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
                w_transform=lambda t: t.permute(0, 1, 3, 2, 4, 5).contiguous().permute(0, 1, 3, 2, 4, 5))
     _assert_close(got, want, rtol=1e-10, atol=1e-10)
     # a sliced (strided) input: every other channel
     xs = torch.randn(2, 32, 13, 11, dtype=torch.float64)[:, ::2]
     assert not xs.is_contiguous()
-    torch.testing.assert_close(involution(xs, weight, backend='native', **kw),
+    torch.testing.assert_close(involution(xs, weight, backend=backend, **kw),
                                involution(xs.contiguous(), weight, backend='reference', **kw))
 
 
-def test_native_only_one_input_requires_grad():
+@pytest.mark.parametrize('backend', FAST)
+def test_fast_only_one_input_requires_grad(backend):
     x, weight, grad_out, kw = _make(CASES[2])
     want = _run(x, weight, grad_out, kw, 'reference')
     xg = x.clone().requires_grad_(True)
-    (gx,) = torch.autograd.grad(involution(xg, weight, backend='native', **kw), (xg,), grad_out)
+    (gx,) = torch.autograd.grad(involution(xg, weight, backend=backend, **kw), (xg,), grad_out)
     torch.testing.assert_close(gx, want[1])
     wg = weight.clone().requires_grad_(True)
-    (gw,) = torch.autograd.grad(involution(x, wg, backend='native', **kw), (wg,), grad_out)
+    (gw,) = torch.autograd.grad(involution(x, wg, backend=backend, **kw), (wg,), grad_out)
     torch.testing.assert_close(gw, want[2])
 
 
@@ -141,11 +150,12 @@ def test_native_small_chunks(monkeypatch):
         _assert_close(_run(x, weight, grad_out, kw, 'native'), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('backend', FAST)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
-def test_native_low_precision(dtype):
+def test_fast_low_precision(dtype, backend):
     x, weight, grad_out, kw = _make((2, 32, 14, 13, 2, 7, 2, 1, None))
     want = _run(x, weight, grad_out, kw, 'reference')
-    got = _run(x.to(dtype), weight.to(dtype), grad_out.to(dtype), kw, 'native')
+    got = _run(x.to(dtype), weight.to(dtype), grad_out.to(dtype), kw, backend)
     assert all(t.dtype == dtype for t in got)
     # float32 accumulation: error of the order of the rounding of inputs/outputs, not of 49-term bf16 sums
     tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 4e-3}[dtype]
@@ -154,13 +164,14 @@ def test_native_low_precision(dtype):
         assert err < tol, (dtype, err.item())
 
 
-def test_native_autocast_bf16_cpu():
+@pytest.mark.parametrize('backend', FAST)
+def test_fast_autocast_bf16_cpu(backend):
     x, weight, grad_out, kw = _make((2, 32, 14, 14, 2, 7, 1, 1, None), dtype=torch.float32)
     want = _run(x.double(), weight.double(), grad_out.double(), kw, 'reference')
     x32 = x.clone().requires_grad_(True)
     w32 = weight.clone().requires_grad_(True)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = involution(x32, w32, backend='native', **kw)
+        out = involution(x32, w32, backend=backend, **kw)
     assert out.dtype == torch.bfloat16
     out.backward(grad_out.to(torch.bfloat16))
     assert x32.grad.dtype == torch.float32 and w32.grad.dtype == torch.float32
@@ -168,16 +179,23 @@ def test_native_autocast_bf16_cpu():
         assert ((a.double() - b).abs().max() / b.abs().max()) < 4e-2
     # mixed input dtypes are fine under autocast (cast like a convolution)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out2 = involution(x, weight.to(torch.bfloat16), backend='native', **kw)
+        out2 = involution(x, weight.to(torch.bfloat16), backend=backend, **kw)
     torch.testing.assert_close(out2, out.detach())
 
 
-def test_auto_backend_on_cpu_is_native():
+def test_auto_backend_on_cpu_is_cpp_when_built(monkeypatch):
+    from rednet.ops import cpp
     x, weight, grad_out, kw = _make(CASES[0])
-    assert resolve_backend('auto', x) == 'native'
-    assert set(BACKENDS) >= {'auto', 'reference', 'native', 'triton'}
-    want = _run(x, weight, grad_out, kw, 'native')
+    assert resolve_backend('auto', x) == 'cpp'
+    assert set(BACKENDS) >= {'auto', 'reference', 'native', 'cpp', 'triton'}
+    want = _run(x, weight, grad_out, kw, 'cpp')
     _assert_close(_run(x, weight, grad_out, kw, 'auto'), want, rtol=0, atol=0)
+    # kernels that failed to build: auto falls back to native, an explicit cpp says why
+    monkeypatch.setattr(cpp, '_ext', None)
+    monkeypatch.setattr(cpp, '_error', 'CalledProcessError: no compiler')
+    assert resolve_backend('auto', x) == 'native'
+    with pytest.raises(RuntimeError, match="could not be built.*no compiler.*backend='native'"):
+        involution(x, weight, backend='cpp', **kw)
 
 
 def test_compile_fullgraph_no_graph_breaks():
@@ -206,21 +224,24 @@ def test_whole_model_native_matches_reference():
         if isinstance(mod, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
     nat.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 72, 88, dtype=torch.float64)  # stride-2 stages see odd and even sizes
     # a third model runs the fused span conv + aggregation (rednet.ops.fused) in every involution, a fourth
     # (the default, fuse_span=None) only where the output map has >= FUSE_MIN_PIXELS pixels
     fus = timm.create_model('rednet26', involution_backend='native', num_classes=10, fuse_span=True).double()
     auto = timm.create_model('rednet26', involution_backend='native', num_classes=10).double()
-    fus.load_state_dict(ref.state_dict())
-    auto.load_state_dict(ref.state_dict())
+    # and the C++ kernels, fused on the large maps (the default on the CPU)
+    cpp_model = timm.create_model('rednet26', num_classes=10).double()
+    for m in (fus, auto, cpp_model):
+        m.load_state_dict(ref.state_dict())
+    assert {resolve_backend(m.backend, x) for m in cpp_model.modules() if hasattr(m, 'fuse_span')} == {'cpp'}
     invs = [m for m in fus.modules() if hasattr(m, 'fuse_span')]
     assert len(invs) == 9 and all(m.fuse_span and m._fused_ok(torch.zeros(1)) for m in invs)
     assert not any(m.fuse_span for m in nat.modules() if hasattr(m, 'fuse_span'))
-    x = torch.randn(2, 3, 72, 88, dtype=torch.float64)  # stride-2 stages see odd and even sizes
     import rednet.model as model_mod
     fused_calls = []
     real_fused = model_mod.involution_fused
     outs, grads = [], []
-    for m in (ref, nat, fus, auto):
+    for m in (ref, nat, fus, auto, cpp_model):
         m.train()
         fused_calls.clear()
         model_mod.involution_fused = lambda *a, **k: fused_calls.append(a[1].shape[-2:]) or real_fused(*a, **k)
@@ -231,9 +252,9 @@ def test_whole_model_native_matches_reference():
         out.square().sum().backward()
         outs.append(out.detach())
         grads.append({k: p.grad for k, p in m.named_parameters()})
-    # auto: the stem (36x44) and stage 1 (18x22) are fused, stages 2-4 (9x11 and smaller) are not
+    # fuse_span=None: the stem (36x44) and stage 1 (18x22) are fused, stages 2-4 (9x11 and smaller) are not
     assert [tuple(s) for s in fused_calls] == [(36, 44), (18, 22)]
-    for i in (1, 2, 3):
+    for i in (1, 2, 3, 4):
         torch.testing.assert_close(outs[i], outs[0], rtol=1e-9, atol=1e-9)
         assert grads[0].keys() == grads[i].keys()
         for k in grads[0]:
@@ -278,10 +299,11 @@ def _make_fused(case, dtype=torch.float64, seed=0):
     return (x, r, sw, sb), go, dict(k=k, stride=s)
 
 
-def _run_fused(inputs, go, kw, fused=True, transforms=(None,) * 4, backend='reference'):
+def _run_fused(inputs, go, kw, fused=True, transforms=(None,) * 4, backend='reference', fused_backend='native'):
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     args = [f(t) if f else t for f, t in zip(transforms, leaves)]
-    out = involution_fused(*args, **kw) if fused else involution_span_unfused(*args, **kw, backend=backend)
+    out = involution_fused(*args, **kw, backend=fused_backend) if fused \
+        else involution_span_unfused(*args, **kw, backend=backend)
     return (out,) + torch.autograd.grad(out, leaves, go)
 
 
@@ -332,6 +354,42 @@ def test_fused_span_layouts_and_partial_grads(monkeypatch):
         inputs, go, kw = _make_fused(case)
         _assert_fused_close(_run_fused(inputs, go, kw), _run_fused(inputs, go, kw, fused=False),
                             rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('case', FUSED_CASES, ids=_fused_ids)
+def test_fused_span_cpp_matches_reference_float64(case):
+    inputs, go, kw = _make_fused(case)
+    want = _run_fused(inputs, go, kw, fused=False)
+    _assert_fused_close(_run_fused(inputs, go, kw, fused_backend='cpp'), want, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_span_cpp_layouts_partial_grads_and_precision():
+    inputs, go, kw = _make_fused(FUSED_CASES[1])
+    want = _run_fused(inputs, go, kw, fused=False)
+    cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
+    tr = lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)  # noqa: E731
+    got = _run_fused(inputs, go, kw, transforms=(cl, cl, cl, None), fused_backend='cpp')
+    _assert_fused_close(got, want, rtol=1e-10, atol=1e-10)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    _assert_fused_close(_run_fused(inputs, tr(go), kw, transforms=(tr, tr, None, None), fused_backend='cpp'),
+                        want, rtol=1e-10, atol=1e-10)
+    for i in range(4):  # only one input needs a gradient
+        leaves = [t.detach().clone().requires_grad_(j == i) for j, t in enumerate(inputs)]
+        (g,) = torch.autograd.grad(involution_fused(*leaves, **kw, backend='cpp'), (leaves[i],), go)
+        torch.testing.assert_close(g, want[i + 1])
+    x, r, sw, _ = inputs
+    torch.testing.assert_close(involution_fused(x, r, sw, None, **kw, backend='cpp'),
+                               involution_span_unfused(x, r, sw, None, **kw, backend='reference'))
+    small = [t.detach().clone().requires_grad_(True) for t in _make_fused((1, 4, 5, 4, 2, 3, 2, 2))[0]]
+    assert torch.autograd.gradcheck(lambda *a: involution_fused(*a, k=3, stride=2, backend='cpp'), small)
+    got = _run_fused([t.float() for t in inputs], go.float(), kw, fused_backend='cpp')
+    bf = _run_fused([t.bfloat16() for t in inputs], go.bfloat16(), kw, fused_backend='cpp')
+    for a, b, c in zip(got, bf, want):
+        assert a.dtype == torch.float32 and b.dtype == torch.bfloat16
+        assert (a.double() - c).abs().max() / c.abs().max() < 1e-5
+        assert (b.double() - c).abs().max() / c.abs().max() < 4e-2
+    with pytest.raises(ValueError, match="'native' or 'cpp'"):
+        involution_fused(x, r, sw, None, **kw, backend='reference')
 
 
 @pytest.mark.parametrize('stride', [1, 2])

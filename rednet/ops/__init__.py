@@ -9,16 +9,18 @@ Backends:
 - ``reference``: the unfold math of the official code (K*K copies of the input); ground truth for tests.
 - ``native``: pure PyTorch shift-and-add with a recomputing backward (:mod:`rednet.ops.native`); any device
   and dtype, autocast, channels_last, ``torch.compile`` and ONNX export.
+- ``cpp``: hand-written C++ CPU kernels (:mod:`rednet.ops.cpp`), compiled on first use (about 20 s, cached);
+  the K*K taps are summed in registers instead of one pass over memory each. CPU tensors, any float dtype.
 - ``triton``: fused Triton kernels (:mod:`rednet.ops.triton_kernels`) for CUDA tensors in float32/16/bf16
   (float64 too); runs on CPU tensors only under ``TRITON_INTERPRET=1`` (slow, for tests).
-- ``auto``: ``triton`` for CUDA tensors when Triton is importable and the dtype is supported, else
-  ``native`` (always on CPU, where it is 10-30x faster than ``reference``, and inside ``torch.compile``,
-  where native's functional form lets the compiler fuse the taps into one loop). ``reference`` is never
-  chosen automatically. ``scripts/benchmark.py`` measures all of them side by side.
+- ``auto``: ``triton`` for CUDA tensors when Triton is importable and the dtype is supported; ``cpp`` for CPU
+  tensors when the C++ kernels build (faster than ``native`` at every RedNet-50 shape, see
+  ``scripts/benchmark.py``); else ``native`` (also inside ``torch.compile``, where native's functional form lets
+  the compiler fuse the taps into one loop). ``reference`` is never chosen automatically.
 
-``involution_fused(x, r, span_weight, span_bias, k, stride, padding, dilation)`` computes
-``involution(x, conv1x1(r, span_weight, span_bias).view(N, G, K, K, H_out, W_out))`` with the native backend
-without materialising the kernel map (eager; falls back to the unfused math under compile/export).
+``involution_fused(x, r, span_weight, span_bias, k, stride, padding, dilation, backend)`` computes
+``involution(x, conv1x1(r, span_weight, span_bias).view(N, G, K, K, H_out, W_out))`` with the native or cpp
+backend without materialising the kernel map (eager; falls back to the unfused math under compile/export).
 
 Under autocast (any device type) both inputs are cast to the autocast dtype first, like a convolution; the
 fast backends accumulate half-precision inputs in float32.
@@ -27,17 +29,19 @@ from typing import Optional
 
 import torch
 
+from . import cpp
+from .cpp import involution_cpp
 from .fused import involution_span_native, involution_span_unfused
 from .native import involution_native
 from .reference import involution_reference
 
-__all__ = ['involution', 'involution_reference', 'involution_native', 'involution_fused',
+__all__ = ['involution', 'involution_reference', 'involution_native', 'involution_cpp', 'involution_fused',
            'involution_span_native', 'involution_span_unfused', 'output_size', 'BACKENDS', 'resolve_backend']
 
 # span conv (kernel generation) fused into the native aggregation: see :mod:`rednet.ops.fused`
 involution_fused = involution_span_native
 
-BACKENDS = ('auto', 'reference', 'native', 'triton')
+BACKENDS = ('auto', 'reference', 'native', 'cpp', 'triton')
 
 
 def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
@@ -104,6 +108,8 @@ def involution(
     backend = resolve_backend(backend, x)
     if backend == 'native':
         return involution_native(x, weight, stride, padding, dilation)
+    if backend == 'cpp':
+        return involution_cpp(x, weight, stride, padding, dilation)
     if backend == 'triton':
         from .triton_kernels import involution_triton
         return involution_triton(x, weight, stride, padding, dilation)
@@ -126,15 +132,20 @@ def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor):
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend ``backend`` means for input ``x`` (``'auto'`` -> ``'triton'`` or ``'native'``).
+    """The concrete backend ``backend`` means for input ``x`` (``'auto'`` -> ``'triton'``, ``'cpp'`` or
+    ``'native'``).
 
     An explicitly requested ``triton`` on an input it cannot run raises ``ValueError`` (never a wrong result).
     """
     if backend == 'auto':
-        if x.device.type == 'cuda' and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return 'native'
+        if x.device.type == 'cuda':
             from . import triton_kernels
             if triton_kernels.supports(x)[0]:
                 return 'triton'
+        if x.device.type == 'cpu' and x.is_floating_point() and cpp.available():
+            return 'cpp'
         return 'native'
     if backend == 'triton':
         from . import triton_kernels

@@ -249,7 +249,7 @@ def involution_span_unfused(x, r, span_weight, span_bias, k: int, stride: int = 
 
 def involution_span_native(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor,
                            span_bias: Optional[torch.Tensor], k: int, stride: int = 1,
-                           padding: Optional[int] = None, dilation: int = 1) -> torch.Tensor:
+                           padding: Optional[int] = None, dilation: int = 1, backend: str = 'native') -> torch.Tensor:
     """``involution(x, span(r).view(N, G, K, K, H_out, W_out))`` without materialising the kernel map.
 
     Args:
@@ -259,8 +259,10 @@ def involution_span_native(x: torch.Tensor, r: torch.Tensor, span_weight: torch.
             of group g (the layout of ``weight.view(N, G, K, K, H_out, W_out)``).
         span_bias: (K*K*G,) or None.
         k, stride, padding (``None``: "same"), dilation: as for :func:`rednet.ops.involution`.
+        backend: ``'native'`` (chunked PyTorch ops, any device) or ``'cpp'`` (the C++ CPU kernels of
+            :mod:`rednet.ops.cpp`, which compute each (sample, group)'s kernel map in cache).
 
-    Eager PyTorch only; under ``torch.compile``, tracing or ONNX export it falls back to the unfused math with
+    Eager only; under ``torch.compile``, tracing or ONNX export it falls back to the unfused math with
     the ``native`` backend. Under autocast the inputs are cast to the autocast dtype first.
     """
     if padding is None:
@@ -278,7 +280,14 @@ def involution_span_native(x: torch.Tensor, r: torch.Tensor, span_weight: torch.
         x, r, span_weight = x.to(dt), r.to(dt), span_weight.to(dt)
         span_bias = span_bias.to(dt) if span_bias is not None else None
     _check(x, r, span_weight, span_bias, k, stride, padding, dilation)
+    if backend == 'cpp':
+        from .cpp import span_function
+        fn = span_function(x)
+    elif backend == 'native':
+        fn = _InvolutionSpanFunction
+    else:
+        raise ValueError(f"involution_fused: backend must be 'native' or 'cpp', got {backend!r}")
     if amp:  # the matmuls inside run in float32 (half inputs) and must not be re-cast by autocast
         with torch.autocast(dev, enabled=False):
-            return _InvolutionSpanFunction.apply(x, r, span_weight, span_bias, k, stride, padding, dilation)
-    return _InvolutionSpanFunction.apply(x, r, span_weight, span_bias, k, stride, padding, dilation)
+            return fn.apply(x, r, span_weight, span_bias, k, stride, padding, dilation)
+    return fn.apply(x, r, span_weight, span_bias, k, stride, padding, dilation)

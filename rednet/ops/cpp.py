@@ -1,0 +1,168 @@
+"""``cpp`` involution backend: hand-written C++ CPU kernels (``csrc/involution_cpu.cpp``), compiled on first use.
+
+The kernels sum the K*K taps of a (sample, group) in cache, one vectorised loop per output row and tap, instead
+of one pass over memory per tap as the ``native`` backend's PyTorch ops must (see the .cpp file). They are
+compiled with :func:`torch.utils.cpp_extension.load` the first time they are needed (about 20 s; needs a C++
+compiler, which PyTorch's CPU extensions need anyway) and cached in PyTorch's extension directory
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), keyed by the source, the compiler flags
+and this CPU's instruction set (the code is built for the machine it runs on). If the build fails, ``auto``
+falls back to ``native`` with a warning and an explicit ``backend='cpp'`` raises the compiler's message.
+
+Float32 and float64 run natively; float16/bfloat16 inputs are computed in float32 and cast back. Any memory
+format is accepted (inputs are made contiguous; the output keeps a channels_last input's layout). Under
+``torch.compile`` and ONNX export the op takes the ``native`` functional path instead.
+"""
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+from .native import _memory_format, involution_functional
+
+__all__ = ['involution_cpp', 'available', 'load_error']
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'involution_cpu.cpp')
+_CFLAGS = ['-O3', '-march=native', '-ffp-contract=fast']
+_lock = threading.Lock()
+_ext = None
+_error: Optional[str] = None
+
+
+def _cpu_key() -> str:
+    """A short hash of this CPU's instruction-set flags: a -march=native build is only reused on a like CPU."""
+    flags = platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith(('flags', 'Features')):
+                    flags += line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def _load():
+    global _ext, _error
+    with _lock:
+        if _ext is None and _error is None:
+            try:
+                from torch.utils.cpp_extension import _get_build_directory, load
+                name = f'rednet_involution_cpu_{_cpu_key()}'
+                if not os.path.exists(os.path.join(_get_build_directory(name, False), f'{name}.so')):
+                    print('rednet: building the C++ involution kernels for this machine (once, about 20 s)',
+                          file=sys.stderr, flush=True)
+                _ext = load(name=name, sources=[_SOURCE], extra_cflags=_CFLAGS, verbose=False)
+            except Exception as e:  # no compiler, no ninja, a build error: say why, fall back in `auto`
+                _error = f'{type(e).__name__}: {str(e).strip()[-2000:]}'
+                warnings.warn(f"rednet: the C++ involution kernels could not be built, so backend='auto' uses "
+                              f"'native' on the CPU ({_error})")
+    return _ext
+
+
+def available() -> bool:
+    """Whether the C++ kernels are built (building them now if they were not tried yet)."""
+    return _load() is not None
+
+
+def load_error() -> Optional[str]:
+    """Why the C++ kernels could not be built (None if they were, or were not tried yet)."""
+    return _error
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype).contiguous()
+
+
+class _CppInvolution(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int):
+        ctx.save_for_backward(x, weight)
+        ctx.geo = (stride, padding, dilation)
+        out = _ext.forward(_acc(x), _acc(weight), stride, padding, dilation)
+        return out.to(dtype=x.dtype, memory_format=_memory_format(x))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gw = _ext.backward(_acc(x), _acc(weight), _acc(grad_out), *ctx.geo, need_x, need_w)
+        gx = gx.to(dtype=x.dtype, memory_format=_memory_format(x)) if need_x else None
+        gw = gw.to(weight.dtype) if need_w else None
+        return gx, gw, None, None, None
+
+
+def _require(x: torch.Tensor) -> None:
+    if x.device.type != 'cpu':
+        raise ValueError(f"involution: the cpp backend runs on CPU tensors, not {x.device.type}; use "
+                         f"backend='auto'")
+    if not available():
+        raise RuntimeError(f"involution: the cpp backend could not be built ({_error}); use backend='native' "
+                           f"(or 'auto', which falls back to it)")
+
+
+def involution_cpp(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0,
+                   dilation: int = 1) -> torch.Tensor:
+    """Involution with the ``cpp`` backend (arguments already checked by :func:`rednet.ops.involution`)."""
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
+            or torch.jit.is_scripting():
+        return involution_functional(x, weight, stride, padding, dilation)
+    _require(x)
+    return _CppInvolution.apply(x, weight, stride, padding, dilation)
+
+
+def span_function(x: torch.Tensor):
+    """The autograd Function of the fused span conv + involution (used by :func:`rednet.ops.involution_fused`)."""
+    _require(x)
+    return _CppSpanInvolution
+
+
+def _span_grid_args(r: torch.Tensor, span_weight: torch.Tensor, span_bias: Optional[torch.Tensor], wq: int):
+    """r on the grid (N, Cr, L), zero in the junk columns and at the end (L = H_out * Wq rounded up to whole
+    64-byte vectors, as the kernels compute); span weight (G*KK, Cr) and bias (G*KK)."""
+    r = _acc(r)
+    vec = 64 // r.element_size()
+    length = r.shape[-2] * wq
+    r_grid = torch.nn.functional.pad(torch.nn.functional.pad(r, (0, wq - r.shape[-1])).flatten(2),
+                                     (0, -length % vec)).contiguous()
+    ws = _acc(span_weight.reshape(span_weight.shape[0], -1))
+    bias = _acc(span_bias) if span_bias is not None else ws.new_zeros(ws.shape[0])
+    return r_grid, ws, bias
+
+
+class _CppSpanInvolution(torch.autograd.Function):
+    """``involution(x, span(r))`` with the span conv fused into the C++ kernels: the kernel map is computed per
+    (sample, group) in cache and never stored; backward recomputes it. Saves x, r and the span parameters."""
+
+    @staticmethod
+    def forward(ctx, x, r, span_weight, span_bias, k: int, stride: int, padding: int, dilation: int):
+        ho, wo = r.shape[-2:]
+        wq = wo + ((k - 1) * dilation) // stride
+        r_grid, ws, bias = _span_grid_args(r, span_weight, span_bias, wq)
+        ctx.save_for_backward(x, r, span_weight, span_bias)
+        ctx.args = (k, stride, padding, dilation)
+        out = _ext.span_forward(_acc(x), r_grid, ws, bias, k, ho, wo, stride, padding, dilation)
+        return out.to(dtype=x.dtype, memory_format=_memory_format(x))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, r, span_weight, span_bias = ctx.saved_tensors
+        k, stride, padding, dilation = ctx.args
+        ho, wo = r.shape[-2:]
+        wq = wo + ((k - 1) * dilation) // stride
+        r_grid, ws, bias = _span_grid_args(r, span_weight, span_bias, wq)
+        need = ctx.needs_input_grad
+        gx, gr, gw, gb = _ext.span_backward(_acc(x), r_grid, ws, bias, _acc(grad_out), k, stride, padding, dilation,
+                                            need[0], need[1], need[2], need[3] and span_bias is not None)
+        gx = gx.to(dtype=x.dtype, memory_format=_memory_format(x)) if need[0] else None
+        gr = gr[..., :ho * wq].unflatten(-1, (ho, wq))[..., :wo].to(dtype=r.dtype, memory_format=_memory_format(r)) \
+            if need[1] else None
+        gw = gw.sum(0).view(span_weight.shape).to(span_weight.dtype) if need[2] else None
+        gb = gb.sum(0).to(span_bias.dtype) if need[3] and span_bias is not None else None
+        return gx, gr, gw, gb, None, None, None, None
