@@ -162,18 +162,19 @@ FUSE_SHAPES = [(8, 64, 56, 1), (8, 128, 56, 2), (8, 128, 28, 1), (8, 256, 14, 1)
                (64, 64, 32, 1), (64, 128, 32, 2), (64, 128, 16, 1), (64, 256, 8, 1), (64, 512, 4, 1)]
 
 
-def bench_fuse(args, device, dtype) -> None:
-    """One Involution layer (kernel generator + native aggregation), training forward+backward, with the span conv
-    fused into the aggregation or not: the measurement behind ``fuse_span=None``'s pixel threshold."""
+def bench_fuse(args, device, dtype, backends) -> None:
+    """One Involution layer (kernel generator + aggregation), training forward+backward, with the span conv fused
+    into the aggregation or not, per backend that can fuse (native, cpp): the measurement behind
+    ``fuse_span=None``'s pixel threshold."""
     from rednet.model import FUSE_MIN_PIXELS, Involution
-    print(f'\n### One involution layer (native), fwd+bwd, span conv fused vs unfused, {dtype_name(dtype)}, '
+    print(f'\n### One involution layer, fwd+bwd, span conv fused vs unfused, {dtype_name(dtype)}, '
           f'{device_desc(device)}\n')
-    print('| shape (N, C, H=W), stride | output pixels | unfused ms (min) | fused ms (min) | fused / unfused '
-          '| default (fuse_span=None) |')
-    print('|---|---|---|---|---|---|')
-    for n, c, h, s in FUSE_SHAPES:
+    print('| shape (N, C, H=W), stride | backend | output pixels | unfused ms (min) | fused ms (min) '
+          '| fused / unfused | default (fuse_span=None) |')
+    print('|---|---|---|---|---|---|---|')
+    for (n, c, h, s), backend in [(shape, b) for shape in FUSE_SHAPES for b in backends if b in ('native', 'cpp')]:
         torch.manual_seed(0)
-        layer = Involution(c, 7, s, backend='native').to(device)
+        layer = Involution(c, 7, s, backend=backend).to(device)
         x = torch.randn(n, c, h, h, device=device, requires_grad=True)
 
         def step(fuse):
@@ -186,7 +187,8 @@ def bench_fuse(args, device, dtype) -> None:
                                   device)
         t = med(times)
         pixels = (-(-h // s)) ** 2
-        print(f'| {(n, c, h)}, {s} | {pixels} | {t["unfused"] * 1e3:.1f} ({min(times["unfused"]) * 1e3:.1f}) '
+        print(f'| {(n, c, h)}, {s} | {backend} | {pixels} | {t["unfused"] * 1e3:.1f} '
+              f'({min(times["unfused"]) * 1e3:.1f}) '
               f'| {t["fused"] * 1e3:.1f} ({min(times["fused"]) * 1e3:.1f}) | {t["fused"] / t["unfused"]:.2f} '
               f'| {"fused" if pixels >= FUSE_MIN_PIXELS else "unfused"} |', flush=True)
 
@@ -347,9 +349,9 @@ def main(argv=None) -> None:
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--models', default='resnet50,resnet26,rednet26,rednet50')
     p.add_argument('--backends', default=None,
-                   help='comma-separated involution backends (default: reference,native and cpp on the CPU, triton on CUDA); '
-                        'for the models also native-fused / native-unfused (span conv fused into the '
-                        'aggregation or not)')
+                   help='comma-separated involution backends (default: reference, native, and cpp on the CPU or '
+                        'triton on CUDA); for the models also <backend>-fused / <backend>-unfused, e.g. '
+                        'cpp-fused (span conv fused into the aggregation everywhere or nowhere)')
     p.add_argument('--bounds', action='store_true',
                    help='add lower-bound RedNet variants whose involutions (or just their aggregation) cost '
                         'nothing: the fastest any involution kernel could make the model')
@@ -382,7 +384,7 @@ def main(argv=None) -> None:
     if everything or args.ops_only:
         bench_ops(args, device, dtype, backends)
     if everything or args.fuse_only:
-        bench_fuse(args, device, dtype)
+        bench_fuse(args, device, dtype, backends)
     if everything or args.models_only:
         bench_models(args, device, dtype, backends)
     print(f'\n({time.time() - t0:.0f} s; {load_desc()})')
