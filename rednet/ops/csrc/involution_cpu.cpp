@@ -63,27 +63,40 @@ struct Vec {
   static void store(T* p, const type& v) { __builtin_memcpy(p, &v, sizeof(v)); }
 };
 
-// out[q .. q + B*V) = sum_k a[k][q ..] * b[k][q ..]: B independent vector accumulators, so that consecutive
-// FMAs do not wait on each other's result (one accumulator would run at the FMA latency, not its throughput)
-template <typename T, int B>
-inline void sum_products_block(T* __restrict__ out, const T* const* a, const T* const* b, int64_t m, int64_t q) {
+// out[i][q .. q + B*V) = sum_k a[i*m + k][q ..] * b[k][q ..] for the C outputs i, which share the b rows: each
+// b vector is loaded once for C outputs, and the C*B accumulators are independent, so consecutive FMAs do not
+// wait on each other's result (one accumulator would run at the FMA latency, not at its throughput)
+template <typename T, int C, int B>
+inline void sum_products_block(T* const* out, const T* const* a, const T* const* b, int64_t m, int64_t q) {
   using V = Vec<T>;
-  typename V::type acc[B] = {};
+  typename V::type acc[C][B] = {};
   for (int64_t k = 0; k < m; ++k) {
-    const T* ak = a[k] + q;
-    const T* bk = b[k] + q;
-    for (int u = 0; u < B; ++u) acc[u] += V::load(ak + u * V::size) * V::load(bk + u * V::size);
+    typename V::type bv[B];
+    for (int u = 0; u < B; ++u) bv[u] = V::load(b[k] + q + u * V::size);
+    for (int i = 0; i < C; ++i) {
+      const T* ai = a[i * m + k] + q;
+      for (int u = 0; u < B; ++u) acc[i][u] += V::load(ai + u * V::size) * bv[u];
+    }
   }
-  for (int u = 0; u < B; ++u) V::store(out + q + u * V::size, acc[u]);
+  for (int i = 0; i < C; ++i)
+    for (int u = 0; u < B; ++u) V::store(out[i] + q + u * V::size, acc[i][u]);
 }
 
-// out[q] = sum_k a[k][q] * b[k][q] for q in [0, n), n a multiple of the vector size
-template <typename T>
-void sum_products(T* __restrict__ out, const T* const* a, const T* const* b, int64_t m, int64_t n) {
-  using V = Vec<T>;
+template <typename T, int C>
+inline void sum_products_rows(T* const* out, const T* const* a, const T* const* b, int64_t m, int64_t n) {
+  constexpr int B = C == 1 ? 4 : 2;
+  const int64_t step = B * Vec<T>::size;
   int64_t q = 0;
-  for (; q + 4 * V::size <= n; q += 4 * V::size) sum_products_block<T, 4>(out, a, b, m, q);
-  for (; q < n; q += V::size) sum_products_block<T, 1>(out, a, b, m, q);
+  for (; q + step <= n; q += step) sum_products_block<T, C, B>(out, a, b, m, q);
+  for (; q < n; q += Vec<T>::size) sum_products_block<T, C, 1>(out, a, b, m, q);
+}
+
+// out[i][q] = sum_k a[i*m + k][q] * b[k][q] for the c outputs i < c, q in [0, n), n a multiple of the vector size
+template <typename T>
+void sum_products(T* const* out, const T* const* a, const T* const* b, int64_t c, int64_t m, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= c; i += 4) sum_products_rows<T, 4>(out + i, a + i * m, b, m, n);
+  for (; i < c; ++i) sum_products_rows<T, 1>(out + i, a + i * m, b, m, n);
 }
 
 // columns v of a phase plane with input column z = v*s + q - p inside [0, W): [v0, v1)
@@ -167,18 +180,28 @@ template <typename T>
 struct Scratch {
   std::vector<T> xq, wg, gg, row, gk;
   std::vector<const T*> a, b;
+  std::vector<T*> o;
 };
+
+// out (Cg, Ho, Wo) = sum_t x_c[ph_t][q + off_t] * w_t[q], from the input's phase planes (sc.xq) and the kernel
+// map on the grid (sc.wg)
+template <typename T>
+void aggregate(T* out, Scratch<T>& sc, int64_t cg, int64_t kk, const Geometry& g) {
+  for (int64_t t = 0; t < kk; ++t) sc.b[t] = sc.wg.data() + t * g.padded + g.margin;
+  for (int64_t c = 0; c < cg; ++c) {
+    sc.o[c] = sc.row.data() + c * g.lenv;
+    for (int64_t t = 0; t < kk; ++t)
+      sc.a[c * kk + t] = sc.xq.data() + (c * g.phases + g.tap_ph[t]) * g.flat + g.tap_off[t];
+  }
+  sum_products(sc.o.data(), sc.a.data(), sc.b.data(), cg, kk, g.lenv);
+  for (int64_t c = 0; c < cg; ++c) from_grid(out + c * g.ho * g.wo, sc.o[c], g);
+}
 
 template <typename T>
 void forward_task(const T* x, const T* w, T* out, Scratch<T>& sc, int64_t cg, int64_t kk, const Geometry& g) {
   fill_phases(sc.xq.data(), x, cg, g);
   to_grid(sc.wg.data(), w, kk, g);
-  for (int64_t t = 0; t < kk; ++t) sc.b[t] = sc.wg.data() + t * g.padded + g.margin;
-  for (int64_t c = 0; c < cg; ++c) {
-    for (int64_t t = 0; t < kk; ++t) sc.a[t] = sc.xq.data() + (c * g.phases + g.tap_ph[t]) * g.flat + g.tap_off[t];
-    sum_products(sc.row.data(), sc.a.data(), sc.b.data(), kk, g.lenv);
-    from_grid(out + c * g.ho * g.wo, sc.row.data(), g);
-  }
+  aggregate(out, sc, cg, kk, g);
 }
 
 // tap t's grad kernel map on the grid, row t of rows (row stride ld): sum_c x_c[ph_t][q + off_t] * go_c[q]
@@ -187,9 +210,11 @@ template <typename T>
 void grad_kernel_map(T* rows, int64_t ld, Scratch<T>& sc, int64_t cg, int64_t kk, const Geometry& g) {
   for (int64_t c = 0; c < cg; ++c) sc.b[c] = sc.gg.data() + c * g.padded + g.margin;
   for (int64_t t = 0; t < kk; ++t) {
-    for (int64_t c = 0; c < cg; ++c) sc.a[c] = sc.xq.data() + (c * g.phases + g.tap_ph[t]) * g.flat + g.tap_off[t];
-    sum_products(rows + t * ld, sc.a.data(), sc.b.data(), cg, g.lenv);
+    sc.o[t] = rows + t * ld;
+    for (int64_t c = 0; c < cg; ++c)
+      sc.a[t * cg + c] = sc.xq.data() + (c * g.phases + g.tap_ph[t]) * g.flat + g.tap_off[t];
   }
+  sum_products(sc.o.data(), sc.a.data(), sc.b.data(), kk, cg, g.lenv);
 }
 
 // grad x (Cg, H, W), gathered from grad_out (sc.gg) and the kernel map (sc.wg), both on the grid with zero
@@ -197,19 +222,17 @@ void grad_kernel_map(T* rows, int64_t ld, Scratch<T>& sc, int64_t cg, int64_t kk
 template <typename T>
 void grad_input(T* gx, Scratch<T>& sc, int64_t cg, int64_t kk, const Geometry& g) {
   T* gxq = sc.xq.data();
-  for (int64_t c = 0; c < cg; ++c) {
-    for (int64_t ph = 0; ph < g.phases; ++ph) {
-      int64_t m = 0;
-      for (int64_t t = 0; t < kk; ++t) {
-        if (g.tap_ph[t] != ph) continue;
-        sc.a[m] = sc.gg.data() + c * g.padded + g.margin - g.tap_off[t];
-        sc.b[m] = sc.wg.data() + t * g.padded + g.margin - g.tap_off[t];
-        ++m;
-      }
-      T* plane = gxq + (c * g.phases + ph) * g.flat;
-      if (m == 0) std::fill(plane, plane + g.flat, T(0));
-      else sum_products(plane, sc.a.data(), sc.b.data(), m, g.flat);
+  for (int64_t ph = 0; ph < g.phases; ++ph) {
+    int64_t m = 0;  // the taps that read phase plane ph
+    for (int64_t t = 0; t < kk; ++t)
+      if (g.tap_ph[t] == ph) sc.b[m++] = sc.wg.data() + t * g.padded + g.margin - g.tap_off[t];
+    for (int64_t c = 0; c < cg; ++c) {
+      sc.o[c] = gxq + (c * g.phases + ph) * g.flat;
+      if (m == 0) std::fill(sc.o[c], sc.o[c] + g.flat, T(0));
+      for (int64_t t = 0, j = 0; t < kk; ++t)
+        if (g.tap_ph[t] == ph) sc.a[c * m + j++] = sc.gg.data() + c * g.padded + g.margin - g.tap_off[t];
     }
+    if (m > 0) sum_products(sc.o.data(), sc.a.data(), sc.b.data(), cg, m, g.flat);
   }
   unfill_phases(gx, gxq, cg, g);
 }
@@ -257,12 +280,7 @@ void fused_forward_task(const T* x, const Span& sp, T* out, Scratch<T>& sc, int6
                         int64_t kk, const Geometry& g) {
   fill_phases(sc.xq.data(), x, cg, g);
   span_kernel_map(sc, sp, ni, gi, kk, g);
-  for (int64_t t = 0; t < kk; ++t) sc.b[t] = sc.wg.data() + t * g.padded + g.margin;
-  for (int64_t c = 0; c < cg; ++c) {
-    for (int64_t t = 0; t < kk; ++t) sc.a[t] = sc.xq.data() + (c * g.phases + g.tap_ph[t]) * g.flat + g.tap_off[t];
-    sum_products(sc.row.data(), sc.a.data(), sc.b.data(), kk, g.lenv);
-    from_grid(out + c * g.ho * g.wo, sc.row.data(), g);
-  }
+  aggregate(out, sc, cg, kk, g);
 }
 
 // backward of one sample, all groups (grad_r of the sample sums over its groups, so one task owns it):
@@ -309,10 +327,11 @@ Scratch<T> make_scratch(int64_t cg, int64_t kk, const Geometry& g) {
   sc.xq.resize(cg * g.phases * g.flat);
   sc.wg.resize(kk * g.padded);
   sc.gg.resize(cg * g.padded);
-  sc.row.resize(g.lenv);
+  sc.row.resize(cg * g.lenv);
   sc.gk.resize(kk * g.lenv);
-  sc.a.resize(std::max(cg, kk));
+  sc.a.resize(cg * kk);
   sc.b.resize(std::max(cg, kk));
+  sc.o.resize(std::max(cg, kk));
   return sc;
 }
 
