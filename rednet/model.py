@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from .ops import involution, involution_fused, resolve_backend
 
-__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'FUSE_MIN_PIXELS']
+__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'FUSE_MIN_BYTES']
 
 # blocks per stage, by depth
 DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
@@ -34,9 +34,12 @@ DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
     152: (3, 8, 36, 3),
 }
 
-# fuse_span=None fuses the span conv into the native aggregation where the output map has at least this many
-# pixels (measured break-even on the 2-core CPU: between 14x14 and 16x16; see Involution)
-FUSE_MIN_PIXELS = 256
+# fuse_span=None fuses the span conv into the aggregation where the layer's kernel map (N * K*K*G * H_out * W_out
+# values, in float32 or wider) would take at least this many bytes: where it no longer stays in the last-level
+# cache between the span conv and the aggregation, recomputing it chunk by chunk is cheaper than moving it
+# through memory (measured on the 2-core CPU with 32 MB of L3, see Involution and scripts/benchmark.py
+# --fuse-only)
+FUSE_MIN_BYTES = {'native': 16 << 20, 'cpp': 32 << 20}
 
 
 class Involution(nn.Module):
@@ -45,15 +48,17 @@ class Involution(nn.Module):
     Kernel generation (official): optional ``AvgPool2d(stride)`` -> 1x1 conv C -> C/4 (no bias) + BN + ReLU
     -> 1x1 conv C/4 -> K*K*G (bias). Aggregation: :func:`rednet.ops.involution`.
 
-    ``fuse_span``: with the ``native`` backend in eager mode the last conv can be fused into the aggregation
-    (:func:`rednet.ops.involution_fused`): the K*K*G-channel kernel map (3x the feature map) is never stored
-    whole and is recomputed chunk by chunk in backward. Measured on the 2-core CPU (``fwd+bwd`` of one layer,
-    fused / unfused time): 0.83 at (8, 64, 56x56), 0.61 at (64, 64, 32x32), 1.00 at (8, 128, 28x28), but 1.10 at
-    (8, 256, 14x14) and 1.21 at (8, 512, 7x7), where the recomputation and the per-chunk overheads are not repaid.
-    ``None`` (default) therefore fuses where the output map has at least :data:`FUSE_MIN_PIXELS` pixels,
-    ``True``/``False`` force it on/off everywhere (``True``: least memory, RedNet-50 training peak 1.08x
-    ResNet-50's instead of 1.26x unfused). ``reference``/``triton``, ``torch.compile`` and export always run
-    unfused. Set the attribute on the modules to switch a built model.
+    ``fuse_span``: with the ``native`` or ``cpp`` backend in eager mode the last conv can be fused into the
+    aggregation (:func:`rednet.ops.involution_fused`): the K*K*G-channel kernel map (3x the feature map) is never
+    stored whole and is recomputed chunk by chunk in backward. Whether that pays depends on whether the kernel
+    map would stay in cache anyway. Measured on the 2-core CPU (32 MB L3), one layer's training fwd+bwd, fused /
+    unfused time: ``native`` 0.66-0.83 at (8, 64, 56x56) (a 20 MB kernel map), 0.59 at (64, 64, 32x32) (51 MB),
+    1.03 at (8, 128, 28x28) (10 MB), 1.11-1.23 on smaller maps; ``cpp`` (whose unfused aggregation is faster)
+    1.15 at (8, 64, 56x56) but 0.65 at (64, 64, 32x32). ``None`` (default) therefore fuses where the kernel map
+    would take at least :data:`FUSE_MIN_BYTES` for the backend; ``True``/``False`` force it on/off everywhere
+    (``True``: least memory, RedNet-50 training peak 1.08x ResNet-50's instead of 1.26x unfused).
+    ``reference``/``triton``, ``torch.compile`` and export always run unfused. Set the attribute on the modules
+    to switch a built model.
     """
 
     def __init__(
@@ -85,22 +90,29 @@ class Involution(nn.Module):
         # None = where the output map is large enough for it to pay off
         self.fuse_span = fuse_span
 
-    def _fused_ok(self, x: torch.Tensor) -> bool:
+    def _fused_backend(self, x: torch.Tensor) -> Optional[str]:
+        """The backend to run the span conv fused with, or None for unfused (compile/export, other backends)."""
         if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
                 or torch.jit.is_scripting():
-            return False
-        return resolve_backend(self.backend, x) in ('native', 'cpp')
+            return None
+        backend = resolve_backend(self.backend, x)
+        return backend if backend in FUSE_MIN_BYTES else None
 
-    def _fuse(self, x: torch.Tensor, r: torch.Tensor) -> bool:
-        if self.fuse_span is False or not self._fused_ok(x):
-            return False
-        return self.fuse_span is not None or r.shape[-2] * r.shape[-1] >= FUSE_MIN_PIXELS
+    def _fuse(self, x: torch.Tensor, r: torch.Tensor) -> Optional[str]:
+        if self.fuse_span is False:
+            return None
+        backend = self._fused_backend(x)
+        if backend is None or self.fuse_span:
+            return backend
+        kmap_bytes = r.shape[0] * self.span.out_channels * r.shape[-2] * r.shape[-1] * max(4, x.element_size())
+        return backend if kmap_bytes >= FUSE_MIN_BYTES[backend] else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.reduce(self.pool(x))  # one row of r per output pixel
-        if self._fuse(x, r):
+        fused_backend = self._fuse(x, r)
+        if fused_backend:
             return involution_fused(x, r, self.span.weight, self.span.bias, self.kernel_size, self.stride,
-                                    backend=resolve_backend(self.backend, x))
+                                    backend=fused_backend)
         weight = self.span(r)
         n, _, h, w = weight.shape
         weight = weight.view(n, self.groups, self.kernel_size, self.kernel_size, h, w)

@@ -20,7 +20,7 @@ class ModelConfig:
     small_input: Optional[bool] = None        # 32x32 stem; null = automatic: on when data.img_size <= 64
     stem_kernel_size: int = 3                 # RedNet stem involution kernel (7 = detection variant)
     involution_backend: str = 'auto'          # rednet.ops backend used by every involution
-    fuse_span: Optional[bool] = None          # span conv fused into the native aggregation; null = where it pays
+    fuse_span: Optional[bool] = None          # span conv fused into the CPU aggregation; null = where it pays
     pretrained: Optional[str] = None          # path of weights to start from (any format rednet.load_model reads)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
 

@@ -165,11 +165,11 @@ FUSE_SHAPES = [(8, 64, 56, 1), (8, 128, 56, 2), (8, 128, 28, 1), (8, 256, 14, 1)
 def bench_fuse(args, device, dtype, backends) -> None:
     """One Involution layer (kernel generator + aggregation), training forward+backward, with the span conv fused
     into the aggregation or not, per backend that can fuse (native, cpp): the measurement behind
-    ``fuse_span=None``'s pixel threshold."""
-    from rednet.model import FUSE_MIN_PIXELS, Involution
+    ``fuse_span=None``'s thresholds (rednet.model.FUSE_MIN_BYTES)."""
+    from rednet.model import FUSE_MIN_BYTES, Involution
     print(f'\n### One involution layer, fwd+bwd, span conv fused vs unfused, {dtype_name(dtype)}, '
           f'{device_desc(device)}\n')
-    print('| shape (N, C, H=W), stride | backend | output pixels | unfused ms (min) | fused ms (min) '
+    print('| shape (N, C, H=W), stride | backend | kernel map MB | unfused ms (min) | fused ms (min) '
           '| fused / unfused | default (fuse_span=None) |')
     print('|---|---|---|---|---|---|---|')
     for (n, c, h, s), backend in [(shape, b) for shape in FUSE_SHAPES for b in backends if b in ('native', 'cpp')]:
@@ -186,11 +186,11 @@ def bench_fuse(args, device, dtype, backends) -> None:
         times = interleaved_times({'unfused': lambda: step(False), 'fused': lambda: step(True)}, args.repeats,
                                   device)
         t = med(times)
-        pixels = (-(-h // s)) ** 2
-        print(f'| {(n, c, h)}, {s} | {backend} | {pixels} | {t["unfused"] * 1e3:.1f} '
+        kmap_bytes = n * layer.span.out_channels * (-(-h // s)) ** 2 * 4
+        print(f'| {(n, c, h)}, {s} | {backend} | {fmt_mb(kmap_bytes)} | {t["unfused"] * 1e3:.1f} '
               f'({min(times["unfused"]) * 1e3:.1f}) '
               f'| {t["fused"] * 1e3:.1f} ({min(times["fused"]) * 1e3:.1f}) | {t["fused"] / t["unfused"]:.2f} '
-              f'| {"fused" if pixels >= FUSE_MIN_PIXELS else "unfused"} |', flush=True)
+              f'| {"fused" if kmap_bytes >= FUSE_MIN_BYTES[backend] else "unfused"} |', flush=True)
 
 
 # model-only pseudo backend suffixes: 'native-fused' / 'native-unfused' = native aggregation with the span conv
