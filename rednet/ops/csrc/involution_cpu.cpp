@@ -166,7 +166,8 @@ void to_grid(T* __restrict__ rows, const T* __restrict__ maps, int64_t m, const 
   std::fill(rows, rows + m * g.padded, T(0));
   for (int64_t k = 0; k < m; ++k)
     for (int64_t i = 0; i < g.ho; ++i)
-      std::copy(maps + (k * g.ho + i) * g.wo, maps + (k * g.ho + i + 1) * g.wo, rows + k * g.padded + g.margin + i * g.wq);
+      std::copy(maps + (k * g.ho + i) * g.wo, maps + (k * g.ho + i + 1) * g.wo,
+                rows + k * g.padded + g.margin + i * g.wq);
 }
 
 // maps (Ho, Wo) <- one grid row (Ho * Wq)
@@ -177,8 +178,15 @@ void from_grid(T* __restrict__ map, const T* __restrict__ grid, const Geometry& 
 
 // per-thread scratch of a task
 template <typename T>
+struct Buffer {  // scratch memory from PyTorch's allocator (so that memory profilers count it), zero-filled
+  at::Tensor t;
+  void resize(int64_t n, const at::TensorOptions& opts) { t = at::zeros({n}, opts); }
+  T* data() { return t.data_ptr<T>(); }
+};
+
+template <typename T>
 struct Scratch {
-  std::vector<T> xq, wg, gg, row, gk;
+  Buffer<T> xq, wg, gg, row, gk;
   std::vector<const T*> a, b;
   std::vector<T*> o;
 };
@@ -322,13 +330,13 @@ void check(const torch::Tensor& t, const char* name, int64_t dim) {
 int64_t vec_size(const torch::Tensor& t) { return 64 / static_cast<int64_t>(t.element_size()); }
 
 template <typename T>
-Scratch<T> make_scratch(int64_t cg, int64_t kk, const Geometry& g) {
+Scratch<T> make_scratch(int64_t cg, int64_t kk, const Geometry& g, const at::TensorOptions& opts) {
   Scratch<T> sc;  // zero-filled: the kernel map rows' margins must stay zero (span_kernel_map writes inside only)
-  sc.xq.resize(cg * g.phases * g.flat);
-  sc.wg.resize(kk * g.padded);
-  sc.gg.resize(cg * g.padded);
-  sc.row.resize(cg * g.lenv);
-  sc.gk.resize(kk * g.lenv);
+  sc.xq.resize(cg * g.phases * g.flat, opts);
+  sc.wg.resize(kk * g.padded, opts);
+  sc.gg.resize(cg * g.padded, opts);
+  sc.row.resize(cg * g.lenv, opts);
+  sc.gk.resize(kk * g.lenv, opts);
   sc.a.resize(cg * kk);
   sc.b.resize(std::max(cg, kk));
   sc.o.resize(std::max(cg, kk));
@@ -337,9 +345,10 @@ Scratch<T> make_scratch(int64_t cg, int64_t kk, const Geometry& g) {
 
 // Run fn(n, grp, scratch) for every (sample, group) in parallel, each thread with private scratch buffers.
 template <typename T, typename F>
-void for_each_task(int64_t n, int64_t groups, int64_t cg, int64_t kk, const Geometry& g, const F& fn) {
+void for_each_task(int64_t n, int64_t groups, int64_t cg, int64_t kk, const Geometry& g,
+                   const at::TensorOptions& opts, const F& fn) {
   at::parallel_for(0, n * groups, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc = make_scratch<T>(cg, kk, g);
+    Scratch<T> sc = make_scratch<T>(cg, kk, g, opts);
     for (int64_t task = begin; task < end; ++task) fn(task / groups, task % groups, sc);
   });
 }
@@ -358,7 +367,8 @@ torch::Tensor involution_forward(torch::Tensor x, torch::Tensor w, int64_t strid
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    for_each_task<scalar_t>(n, groups, cg, k * k, g, [&](int64_t ni, int64_t gi, Scratch<scalar_t>& sc) {
+    const auto opts = x.options();
+    for_each_task<scalar_t>(n, groups, cg, k * k, g, opts, [&](int64_t ni, int64_t gi, Scratch<scalar_t>& sc) {
       const int64_t ch = ni * c + gi * cg;
       forward_task(xp + ch * g.h * g.w, wp + (ni * groups + gi) * k * k * g.ho * g.wo, op + ch * g.ho * g.wo, sc,
                    cg, k * k, g);
@@ -384,7 +394,8 @@ std::vector<torch::Tensor> involution_backward(torch::Tensor x, torch::Tensor w,
     const scalar_t* gop = grad_out.data_ptr<scalar_t>();
     scalar_t* gxp = need_x ? gx.data_ptr<scalar_t>() : nullptr;
     scalar_t* gwp = need_w ? gw.data_ptr<scalar_t>() : nullptr;
-    for_each_task<scalar_t>(n, groups, cg, k * k, g, [&](int64_t ni, int64_t gi, Scratch<scalar_t>& sc) {
+    const auto opts = x.options();
+    for_each_task<scalar_t>(n, groups, cg, k * k, g, opts, [&](int64_t ni, int64_t gi, Scratch<scalar_t>& sc) {
       const int64_t ch = ni * c + gi * cg, wofs = (ni * groups + gi) * k * k * g.ho * g.wo;
       backward_task(xp + ch * g.h * g.w, wp + wofs, gop + ch * g.ho * g.wo, need_x ? gxp + ch * g.h * g.w : nullptr,
                     need_w ? gwp + wofs : nullptr, sc, cg, k * k, g);
@@ -411,7 +422,8 @@ torch::Tensor involution_span_forward(torch::Tensor x, torch::Tensor r, torch::T
     const Span sp{r, ws, bias.unsqueeze(1)};
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    for_each_task<scalar_t>(n, groups, cg, kk, g, [&](int64_t ni, int64_t gi, Scratch<scalar_t>& sc) {
+    const auto opts = x.options();
+    for_each_task<scalar_t>(n, groups, cg, kk, g, opts, [&](int64_t ni, int64_t gi, Scratch<scalar_t>& sc) {
       const int64_t ch = ni * c + gi * cg;
       fused_forward_task(xp + ch * g.h * g.w, sp, op + ch * g.ho * g.wo, sc, ni, gi, cg, kk, g);
     });
@@ -441,7 +453,7 @@ std::vector<torch::Tensor> involution_span_backward(torch::Tensor x, torch::Tens
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gop = grad_out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> sc = make_scratch<scalar_t>(cg, kk, g);
+      Scratch<scalar_t> sc = make_scratch<scalar_t>(cg, kk, g, x.options());
       for (int64_t ni = begin; ni < end; ++ni) {
         fused_backward_sample(xp + ni * c * g.h * g.w, sp, gop + ni * c * g.ho * g.wo,
                               need_x ? gx.data_ptr<scalar_t>() + ni * c * g.h * g.w : nullptr,
