@@ -52,9 +52,9 @@ class Involution(nn.Module):
     aggregation (:func:`rednet.ops.involution_fused`): the K*K*G-channel kernel map (3x the feature map) is never
     stored whole and is recomputed chunk by chunk in backward. Whether that pays depends on whether the kernel
     map would stay in cache anyway. Measured on the 2-core CPU (32 MB L3), one layer's training fwd+bwd, fused /
-    unfused time: ``native`` 0.66-0.83 at (8, 64, 56x56) (a 20 MB kernel map), 0.59 at (64, 64, 32x32) (51 MB),
-    1.03 at (8, 128, 28x28) (10 MB), 1.11-1.23 on smaller maps; ``cpp`` (whose unfused aggregation is faster)
-    1.15 at (8, 64, 56x56) but 0.65 at (64, 64, 32x32). ``None`` (default) therefore fuses where the kernel map
+    unfused time over several runs: ``native`` 0.66-0.94 at (8, 64, 56x56) (a 19 MB kernel map), 0.57-0.59 at
+    (64, 64, 32x32) (49 MB), 1.02-1.05 at (8, 128, 28x28) (9 MB), 1.11-1.23 on smaller maps; ``cpp`` (whose
+    unfused aggregation is faster) 0.89-1.15 at (8, 64, 56x56), 0.44-0.65 at (64, 64, 32x32), 1.10-2.50 below. ``None`` (default) therefore fuses where the kernel map
     would take at least :data:`FUSE_MIN_BYTES` for the backend; ``True``/``False`` force it on/off everywhere
     (``True``: least memory, RedNet-50 training peak 1.08x ResNet-50's instead of 1.26x unfused).
     ``reference``/``triton``, ``torch.compile`` and export always run unfused. Set the attribute on the modules

@@ -22,11 +22,12 @@ allocated before the measured call.
     python scripts/benchmark.py                       # CPU, float32, everything (a few minutes on 2 cores)
     python scripts/benchmark.py --ops-only --repeats 10
     python scripts/benchmark.py --device cuda --dtype bfloat16 --backends native,triton,reference
+    python scripts/benchmark.py --backends reference,native,cpp,cpp-fused,cpp-unfused --bounds   # the README's
     python scripts/benchmark.py --models-only --models rednet50,resnet50 --compile
-    python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native-fused,native-unfused
+    python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends cpp-fused,cpp-unfused
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native --bounds
-    python scripts/benchmark.py --fuse-only          # one layer, span conv fused vs unfused (fuse_span's threshold)
-    python scripts/benchmark.py --models-only --models rednet50 --backends native,native-fused,native-unfused \
+    python scripts/benchmark.py --fuse-only          # one layer, span conv fused vs unfused (fuse_span's thresholds)
+    python scripts/benchmark.py --models-only --models rednet50 --backends cpp,cpp-fused,cpp-unfused \
         --small-input --img-size 32 --batch 64     # CIFAR-sized training
 """
 import argparse
@@ -193,9 +194,9 @@ def bench_fuse(args, device, dtype, backends) -> None:
               f'| {"fused" if kmap_bytes >= FUSE_MIN_BYTES[backend] else "unfused"} |', flush=True)
 
 
-# model-only pseudo backend suffixes: 'native-fused' / 'native-unfused' = native aggregation with the span conv
-# fused into it (rednet.ops.fused) everywhere or nowhere; plain `native` uses the default (fuse_span=None: fused on
-# large feature maps only)
+# model-only pseudo backend suffixes: '<backend>-fused' / '<backend>-unfused' (native or cpp) = the span conv fused
+# into the aggregation (rednet.ops.fused) everywhere or nowhere; a plain backend uses the default (fuse_span=None:
+# fused where the kernel map outgrows the cache)
 FUSE_SUFFIXES = {'-unfused': False, '-fused': True}
 
 
