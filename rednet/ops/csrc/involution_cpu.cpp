@@ -106,26 +106,27 @@ inline void col_span(int64_t q, const int64_t s, const int64_t p, const int64_t 
   v1 = std::min<int64_t>(wq, (w - 1 + p - q) / s + 1);
 }
 
-// phase planes (Cg, P, flat) <- the zero-padded input channels x (Cg, H, W)
-template <typename T>
-void fill_phases(T* __restrict__ buf, const T* __restrict__ x, int64_t cg, const Geometry& g) {
-  std::fill(buf, buf + cg * g.phases * g.flat, T(0));
+// Copy between image channels (Cg, H, W) and the phase planes (Cg, P, flat) of their zero padding. ToPhases:
+// planes <- image (padding and slack zero); else image <- the planes' inside (pixels no tap reads get 0).
+template <bool ToPhases, typename PlaneT, typename ImageT>
+void copy_phases(PlaneT* __restrict__ buf, ImageT* __restrict__ image, int64_t cg, const Geometry& g) {
+  if constexpr (ToPhases) std::fill(buf, buf + cg * g.phases * g.flat, PlaneT(0));
+  else std::fill(image, image + cg * g.h * g.w, ImageT(0));
   for (int64_t r = 0; r < g.s; ++r) {
     for (int64_t q = 0; q < g.s; ++q) {
       int64_t v0, v1;
       col_span(q, g.s, g.p, g.w, g.wq, v0, v1);
       if (v1 <= v0) continue;
       for (int64_t c = 0; c < cg; ++c) {
-        T* plane = buf + (c * g.phases + r * g.s + q) * g.flat;
+        PlaneT* plane = buf + (c * g.phases + r * g.s + q) * g.flat;
         for (int64_t u = 0; u < g.hq; ++u) {
           const int64_t y = u * g.s + r - g.p;
           if (y < 0 || y >= g.h) continue;
-          const T* xrow = x + (c * g.h + y) * g.w + (v0 * g.s + q - g.p);
-          T* prow = plane + u * g.wq;
-          if (g.s == 1) {
-            std::copy(xrow, xrow + (v1 - v0), prow + v0);
-          } else {
-            for (int64_t v = v0; v < v1; ++v) prow[v] = xrow[(v - v0) * g.s];
+          ImageT* row = image + (c * g.h + y) * g.w + (v0 * g.s + q - g.p);
+          PlaneT* prow = plane + u * g.wq;
+          for (int64_t v = v0; v < v1; ++v) {
+            if constexpr (ToPhases) prow[v] = row[(v - v0) * g.s];
+            else row[(v - v0) * g.s] = prow[v];
           }
         }
       }
@@ -133,32 +134,11 @@ void fill_phases(T* __restrict__ buf, const T* __restrict__ x, int64_t cg, const
   }
 }
 
-// grad x (Cg, H, W) <- the inside of the phase planes (Cg, P, flat); pixels no tap reads get 0
 template <typename T>
-void unfill_phases(T* __restrict__ gx, const T* __restrict__ buf, int64_t cg, const Geometry& g) {
-  std::fill(gx, gx + cg * g.h * g.w, T(0));
-  for (int64_t r = 0; r < g.s; ++r) {
-    for (int64_t q = 0; q < g.s; ++q) {
-      int64_t v0, v1;
-      col_span(q, g.s, g.p, g.w, g.wq, v0, v1);
-      if (v1 <= v0) continue;
-      for (int64_t c = 0; c < cg; ++c) {
-        const T* plane = buf + (c * g.phases + r * g.s + q) * g.flat;
-        for (int64_t u = 0; u < g.hq; ++u) {
-          const int64_t y = u * g.s + r - g.p;
-          if (y < 0 || y >= g.h) continue;
-          T* gxrow = gx + (c * g.h + y) * g.w + (v0 * g.s + q - g.p);
-          const T* prow = plane + u * g.wq;
-          if (g.s == 1) {
-            std::copy(prow + v0, prow + v1, gxrow);
-          } else {
-            for (int64_t v = v0; v < v1; ++v) gxrow[(v - v0) * g.s] = prow[v];
-          }
-        }
-      }
-    }
-  }
-}
+void fill_phases(T* buf, const T* x, int64_t cg, const Geometry& g) { copy_phases<true>(buf, x, cg, g); }
+
+template <typename T>
+void unfill_phases(T* gx, const T* buf, int64_t cg, const Geometry& g) { copy_phases<false>(buf, gx, cg, g); }
 
 // rows (m, padded) <- maps (m, Ho, Wo) on the grid, at offset margin, zero elsewhere
 template <typename T>
