@@ -198,6 +198,13 @@ def test_auto_backend_on_cpu_is_cpp_when_built(monkeypatch):
         involution(x, weight, backend='cpp', **kw)
 
 
+def test_cpp_backend_refuses_other_devices():
+    x, weight, _, kw = _make(CASES[0])
+    with pytest.raises(ValueError, match='cpp backend runs on CPU tensors, not meta'):
+        involution(x.to('meta'), weight.to('meta'), backend='cpp', **kw)
+    assert resolve_backend('auto', x.to('meta')) == 'native'  # auto only picks cpp for CPU tensors
+
+
 def test_compile_fullgraph_no_graph_breaks():
     x, weight, grad_out, kw = _make((2, 8, 9, 7, 2, 3, 2, 1, None), dtype=torch.float32)
     want = _run(x, weight, grad_out, kw, 'reference')
