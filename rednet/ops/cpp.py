@@ -1,7 +1,10 @@
 """``cpp`` involution backend: hand-written C++ CPU kernels (``csrc/involution_cpu.cpp``), compiled on first use.
 
-The kernels sum the K*K taps of a (sample, group) in cache, one vectorised loop per output row and tap, instead
-of one pass over memory per tap as the ``native`` backend's PyTorch ops must (see the .cpp file). They are
+The kernels work on one (sample, group) at a time, in cache, on the ``native`` backend's phase layout, and sum the
+K*K taps of a vector of output pixels in registers instead of making one pass over memory per tap as the
+``native`` backend's PyTorch ops must (see the .cpp file). A second pair of kernels fuses the span conv in (the
+kernel map of each (sample, group) is computed in cache and never stored; :func:`rednet.ops.involution_fused`
+with ``backend='cpp'``). They are
 compiled with :func:`torch.utils.cpp_extension.load` the first time they are needed (about 20 s; needs a C++
 compiler, which PyTorch's CPU extensions need anyway) and cached in PyTorch's extension directory
 (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), keyed by the source, the compiler flags
@@ -47,16 +50,25 @@ def _cpu_key() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _built(name: str) -> bool:
+    """Whether a build of the extension is in PyTorch's cache (only decides whether to announce a build)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return os.path.exists(os.path.join(_get_build_directory(name, False), f'{name}.so'))
+    except Exception:  # a private helper of PyTorch's: if it moves, just announce the (maybe cached) build
+        return False
+
+
 def _load():
     global _ext, _error
     with _lock:
         if _ext is None and _error is None:
+            name = f'rednet_involution_cpu_{_cpu_key()}'
+            if not _built(name):
+                print('rednet: building the C++ involution kernels for this machine (once, about 20 s)',
+                      file=sys.stderr, flush=True)
             try:
-                from torch.utils.cpp_extension import _get_build_directory, load
-                name = f'rednet_involution_cpu_{_cpu_key()}'
-                if not os.path.exists(os.path.join(_get_build_directory(name, False), f'{name}.so')):
-                    print('rednet: building the C++ involution kernels for this machine (once, about 20 s)',
-                          file=sys.stderr, flush=True)
+                from torch.utils.cpp_extension import load
                 _ext = load(name=name, sources=[_SOURCE], extra_cflags=_CFLAGS, verbose=False)
             except Exception as e:  # no compiler, no ninja, a build error: say why, fall back in `auto`
                 _error = f'{type(e).__name__}: {str(e).strip()[-2000:]}'

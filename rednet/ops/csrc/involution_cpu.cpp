@@ -14,6 +14,9 @@
 //   grad_w:  gw_t[q]   = sum_c x_c[ph_t][q + off_t] * go_c[q]
 //   grad_x:  gx_c[ph][u] = sum_{t in phase ph} go_c[u - off_t] * w_t[u - off_t]   (gather form: no atomics,
 //            no scatter; go and w carry a zero margin in front so that u - off_t never leaves the buffer)
+// The span_* entry points fuse the span conv in: each task computes its kernel map w = bias + W_span @ r on the
+// grid in cache (BLAS) instead of reading it, and its backward turns the grad kernel map into the grads of r,
+// W_span and the bias.
 // Inputs: contiguous x (N, C, H, W), w (N, G, K*K, Ho, Wo), grad_out (N, C, Ho, Wo); float32 or float64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
