@@ -54,9 +54,10 @@ class Involution(nn.Module):
     map would stay in cache anyway. Measured on the 2-core CPU (32 MB L3), one layer's training fwd+bwd, fused /
     unfused time over several runs: ``native`` 0.66-0.94 at (8, 64, 56x56) (a 19 MB kernel map), 0.57-0.59 at
     (64, 64, 32x32) (49 MB), 1.02-1.05 at (8, 128, 28x28) (9 MB), 1.11-1.23 on smaller maps; ``cpp`` (whose
-    unfused aggregation is faster) 0.89-1.15 at (8, 64, 56x56), 0.44-0.65 at (64, 64, 32x32), 1.10-2.50 below. ``None`` (default) therefore fuses where the kernel map
-    would take at least :data:`FUSE_MIN_BYTES` for the backend; ``True``/``False`` force it on/off everywhere
-    (``True``: least memory, RedNet-50 training peak 1.08x ResNet-50's instead of 1.26x unfused).
+    unfused aggregation is faster) 0.89-1.15 at (8, 64, 56x56), 0.44-0.65 at (64, 64, 32x32), 1.10-2.50 on
+    smaller ones. ``None`` (default) therefore fuses where the kernel map would take at least
+    :data:`FUSE_MIN_BYTES` for the backend; ``True``/``False`` force it on/off everywhere (``True``: least
+    memory, RedNet-50 training peak 1.08x ResNet-50's instead of 1.26x unfused).
     ``reference``/``triton``, ``torch.compile`` and export always run unfused. Set the attribute on the modules
     to switch a built model.
     """
@@ -85,9 +86,9 @@ class Involution(nn.Module):
             else nn.Identity()
         self.reduce = ConvNormAct(channels, channels // reduction_ratio, 1)
         self.span = nn.Conv2d(channels // reduction_ratio, kernel_size * kernel_size * self.groups, 1)
-        # fuse the span conv into the native aggregation (eager only): the K*K*G-channel kernel map is then
+        # fuse the span conv into the native/cpp aggregation (eager only): the K*K*G-channel kernel map is then
         # computed chunk by chunk and never stored whole (:mod:`rednet.ops.fused`); same parameters and math.
-        # None = where the output map is large enough for it to pay off
+        # None = where the kernel map would outgrow the cache (FUSE_MIN_BYTES)
         self.fuse_span = fuse_span
 
     def _fused_backend(self, x: torch.Tensor) -> Optional[str]:
@@ -209,8 +210,8 @@ class RedNet(nn.Module):
             kernel_size: kernel of the bottlenecks' involutions.
             global_pool: timm pooling type of the head.
             involution_backend: backend of :func:`rednet.ops.involution` used by every involution.
-            fuse_span: fuse each involution's span conv into the native aggregation: ``None`` where it is
-                faster (large feature maps), ``True`` everywhere (least memory), ``False`` nowhere
+            fuse_span: fuse each involution's span conv into the native/cpp aggregation: ``None`` where the
+                kernel map would outgrow the cache, ``True`` everywhere (least memory), ``False`` nowhere
                 (see :class:`Involution`).
             zero_init_last: zero-initialise the last BN of every residual branch.
         """
