@@ -44,14 +44,11 @@ def _fwd_kernel(x_ptr, w_ptr, out_ptr,
                 swn, swg, swt, swh, sww,
                 son, soc, soh, sow,
                 K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     n, g, i, j, pmask, ch, cmask = _tile(HO, WO, G, CG, BLOCK_C, BLOCK_P)
     x_base = x_ptr + n * sxn + ch[:, None] * sxc
     w_base = w_ptr + n * swn + g * swg + i * swh + j * sww
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for a in tl.static_range(K):
         for b in tl.static_range(K):
             hi, wi, ok = _tap_source(i, j, a, b, H, W, pmask, STRIDE, PAD, DIL)
@@ -70,14 +67,11 @@ def _bwd_x_kernel(go_ptr, w_ptr, gx_ptr,
                   swn, swg, swt, swh, sww,
                   sxn, sxc, sxh, sxw,
                   K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     n, g, y, z, pmask, ch, cmask = _tile(H, W, G, CG, BLOCK_C, BLOCK_P)
     go_base = go_ptr + n * sgn + ch[:, None] * sgc
     w_base = w_ptr + n * swn + g * swg
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for a in tl.static_range(K):
         hn = y + PAD - a * DIL  # = i * STRIDE for the output row i this tap reads (y, z) into
         hn_pos = tl.where(hn >= 0, hn, 0)
@@ -105,14 +99,11 @@ def _bwd_w_kernel(x_ptr, go_ptr, gw_ptr,
                   sgn, sgc, sgh, sgw,
                   swn, swg, swt, swh, sww,
                   K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     n, g, i, j, pmask, ch, cmask = _tile(HO, WO, G, CG, BLOCK_C, BLOCK_P)
     gv = tl.load(go_ptr + n * sgn + ch[:, None] * sgc + i[None, :] * sgh + j[None, :] * sgw,
                  mask=cmask[:, None] & pmask[None, :], other=0.0)
-    if ACC_F64:
-        gv = gv.to(tl.float64)
-    else:
-        gv = gv.to(tl.float32)
+    gv = gv.to(ACC)
     x_base = x_ptr + n * sxn + ch[:, None] * sxc
     gw_base = gw_ptr + n * swn + g * swg + i * swh + j * sww
     for a in tl.static_range(K):

@@ -52,6 +52,12 @@ def supports(x: torch.Tensor) -> Tuple[bool, str]:
     return True, ''
 
 
+def _acc_dtype(x: torch.Tensor):
+    """The Triton accumulator dtype: float64 for float64 inputs, float32 otherwise."""
+    tl = _impl().tl
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
 def _strides(t: torch.Tensor):
     return tuple(t.stride())
 
@@ -89,7 +95,7 @@ def _forward(x, weight, stride, padding, dilation):
     grid = (triton_cdiv(ho * wo, _BLOCK_P), n * g)
     impl._fwd_kernel[grid](x, weight, out, h, w, ho, wo, g, cg, *_strides(x), *ws, *_strides(out),
                            K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=block_c, BLOCK_P=_BLOCK_P,
-                           ACC_F64=x.dtype == torch.float64)
+                           ACC=_acc_dtype(x))
     return out
 
 
@@ -101,21 +107,21 @@ def _backward(x, weight, grad_out, stride, padding, dilation, need_x, need_w):
     impl = _impl()
     n, c, h, w, g, k, ho, wo, cg, block_c = _launch_args(x, weight)
     weight, ws = _weight_strides(weight)
-    f64 = x.dtype == torch.float64
+    acc = _acc_dtype(x)
     gx = gw = None
     if need_x:
         gx = torch.empty_like(x)
         grid = (triton_cdiv(h * w, _BLOCK_P), n * g)
         impl._bwd_x_kernel[grid](grad_out, weight, gx, h, w, ho, wo, g, cg, *_strides(grad_out), *ws,
                                  *_strides(gx), K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=block_c,
-                                 BLOCK_P=_BLOCK_P, ACC_F64=f64)
+                                 BLOCK_P=_BLOCK_P, ACC=acc)
     if need_w:
         gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         _, gws = _weight_strides(gw)
         grid = (triton_cdiv(ho * wo, _BLOCK_P), n * g)
         impl._bwd_w_kernel[grid](x, grad_out, gw, h, w, ho, wo, g, cg, *_strides(x), *_strides(grad_out), *gws,
                                  K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=block_c,
-                                 BLOCK_P=_BLOCK_P, ACC_F64=f64)
+                                 BLOCK_P=_BLOCK_P, ACC=acc)
     return gx, gw
 
 
