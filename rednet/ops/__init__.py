@@ -31,15 +31,12 @@ import torch
 
 from . import cpp
 from .cpp import involution_cpp
-from .fused import involution_span_native, involution_span_unfused
+from .fused import involution_fused, involution_span_unfused
 from .native import involution_native
 from .reference import involution_reference
 
 __all__ = ['involution', 'involution_reference', 'involution_native', 'involution_cpp', 'involution_fused',
-           'involution_span_native', 'involution_span_unfused', 'output_size', 'BACKENDS', 'resolve_backend']
-
-# span conv (kernel generation) fused into the native aggregation: see :mod:`rednet.ops.fused`
-involution_fused = involution_span_native
+           'involution_span_unfused', 'output_size', 'BACKENDS', 'resolve_backend']
 
 BACKENDS = ('auto', 'reference', 'native', 'cpp', 'triton')
 

@@ -24,8 +24,10 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from .native import _memory_format, involution_functional
+from .fused import _r_grid
+from .native import _Geometry, _acc_dtype, _memory_format, involution_functional
 
 __all__ = ['involution_cpp', 'available', 'load_error']
 
@@ -61,6 +63,8 @@ def _built(name: str) -> bool:
 
 def _load():
     global _ext, _error
+    if _ext is not None:  # built: no lock on this path (resolve_backend asks on every involution call)
+        return _ext
     with _lock:
         if _ext is None and _error is None:
             name = f'rednet_involution_cpu_{_cpu_key()}'
@@ -88,7 +92,7 @@ def load_error() -> Optional[str]:
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype).contiguous()
+    return t.to(_acc_dtype(t.dtype)).contiguous()
 
 
 class _CppInvolution(torch.autograd.Function):
@@ -135,17 +139,17 @@ def span_function(x: torch.Tensor):
     return _CppSpanInvolution
 
 
-def _span_grid_args(r: torch.Tensor, span_weight: torch.Tensor, span_bias: Optional[torch.Tensor], wq: int):
-    """r on the grid (N, Cr, L), zero in the junk columns and at the end (L = H_out * Wq rounded up to whole
-    64-byte vectors, as the kernels compute); span weight (G*KK, Cr) and bias (G*KK)."""
-    r = _acc(r)
-    vec = 64 // r.element_size()
-    length = r.shape[-2] * wq
-    r_grid = torch.nn.functional.pad(torch.nn.functional.pad(r, (0, wq - r.shape[-1])).flatten(2),
-                                     (0, -length % vec)).contiguous()
+def _span_grid_args(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor, span_bias: Optional[torch.Tensor],
+                    k: int, stride: int, padding: int, dilation: int):
+    """The phase-layout geometry; r on its grid (N, Cr, L), zero in the junk columns and at the end (L = H_out * Wq
+    rounded up to whole 64-byte vectors, as the kernels compute); span weight (G*KK, Cr) and bias (G*KK)."""
+    geo = _Geometry(x.shape[2], x.shape[3], k, stride, padding, dilation, r.shape[2], r.shape[3])
+    acc = _acc_dtype(r.dtype)
+    vec = 64 // acc.itemsize
+    r_grid = F.pad(_r_grid(r, geo, acc), (0, -geo.length % vec))
     ws = _acc(span_weight.reshape(span_weight.shape[0], -1))
     bias = _acc(span_bias) if span_bias is not None else ws.new_zeros(ws.shape[0])
-    return r_grid, ws, bias
+    return geo, r_grid, ws, bias
 
 
 class _CppSpanInvolution(torch.autograd.Function):
@@ -154,27 +158,23 @@ class _CppSpanInvolution(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, r, span_weight, span_bias, k: int, stride: int, padding: int, dilation: int):
-        ho, wo = r.shape[-2:]
-        wq = wo + ((k - 1) * dilation) // stride
-        r_grid, ws, bias = _span_grid_args(r, span_weight, span_bias, wq)
+        geo, r_grid, ws, bias = _span_grid_args(x, r, span_weight, span_bias, k, stride, padding, dilation)
         ctx.save_for_backward(x, r, span_weight, span_bias)
         ctx.args = (k, stride, padding, dilation)
-        out = _ext.span_forward(_acc(x), r_grid, ws, bias, k, ho, wo, stride, padding, dilation)
+        out = _ext.span_forward(_acc(x), r_grid, ws, bias, k, geo.h_out, geo.w_out, stride, padding, dilation)
         return out.to(dtype=x.dtype, memory_format=_memory_format(x))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, r, span_weight, span_bias = ctx.saved_tensors
         k, stride, padding, dilation = ctx.args
-        ho, wo = r.shape[-2:]
-        wq = wo + ((k - 1) * dilation) // stride
-        r_grid, ws, bias = _span_grid_args(r, span_weight, span_bias, wq)
+        geo, r_grid, ws, bias = _span_grid_args(x, r, span_weight, span_bias, k, stride, padding, dilation)
         need = ctx.needs_input_grad
         gx, gr, gw, gb = _ext.span_backward(_acc(x), r_grid, ws, bias, _acc(grad_out), k, stride, padding, dilation,
                                             need[0], need[1], need[2], need[3] and span_bias is not None)
         gx = gx.to(dtype=x.dtype, memory_format=_memory_format(x)) if need[0] else None
-        gr = gr[..., :ho * wq].unflatten(-1, (ho, wq))[..., :wo].to(dtype=r.dtype, memory_format=_memory_format(r)) \
-            if need[1] else None
+        gr = gr[..., :geo.length].unflatten(-1, (geo.h_out, geo.wq))[..., :geo.w_out] \
+            .to(dtype=r.dtype, memory_format=_memory_format(r)) if need[1] else None
         gw = gw.sum(0).view(span_weight.shape).to(span_weight.dtype) if need[2] else None
         gb = gb.sum(0).to(span_bias.dtype) if need[3] and span_bias is not None else None
         return gx, gr, gw, gb, None, None, None, None

@@ -2,7 +2,7 @@
 
 RedNet's kernel map ``weight = span(r)`` (a 1x1 conv C/4 -> K*K*G with bias) has K*K*G = 49*C/16, about 3x the
 channels of the feature map it is applied to. Unfused, it is written by the conv, read by the aggregation and
-saved for backward. Here it never exists as a whole: :func:`involution_span_native` takes the reduced features
+saved for backward. Here it never exists as a whole: :func:`involution_fused` takes the reduced features
 ``r`` (N, C/4, H_out, W_out) and the span conv's weight/bias, and per chunk of (samples, groups) of the
 ``native`` phase layout (:mod:`rednet.ops.native`) computes that chunk's kernel map with one batched matmul
 straight into the chunk's grid buffer, then aggregates. Saved for backward: ``x``, ``r``, span weight and bias.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .native import (_Geometry, _ViewCache, _acc_dtype, _chunks, _fill_phases, _grad_x_chunk, _memory_format,
                      _to_grid, _w_tap_views, _x_tap_views)
 
-__all__ = ['involution_span_native', 'involution_span_unfused']
+__all__ = ['involution_fused', 'involution_span_unfused']
 
 # matmuls on the grid while its junk columns add at most this fraction of work (see _use_grid)
 _GRID_JUNK_RATIO = 0.15
@@ -247,9 +247,9 @@ def involution_span_unfused(x, r, span_weight, span_bias, k: int, stride: int = 
     return involution(x, weight, stride=stride, padding=padding, dilation=dilation, backend=backend)
 
 
-def involution_span_native(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor,
-                           span_bias: Optional[torch.Tensor], k: int, stride: int = 1,
-                           padding: Optional[int] = None, dilation: int = 1, backend: str = 'native') -> torch.Tensor:
+def involution_fused(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor, span_bias: Optional[torch.Tensor],
+                     k: int, stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
+                     backend: str = 'native') -> torch.Tensor:
     """``involution(x, span(r).view(N, G, K, K, H_out, W_out))`` without materialising the kernel map.
 
     Args:
