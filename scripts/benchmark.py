@@ -252,12 +252,8 @@ def build_model(name: str, backend: str, small_input: bool = False):
         for suffix, value in FUSE_SUFFIXES.items():
             if backend.endswith(suffix):
                 backend, fuse = backend[:-len(suffix)], value
-        model = timm.create_model(name, involution_backend=backend, small_input=small_input)
-        if fuse is not None:  # span conv fused into the native aggregation or not (rednet.ops.fused)
-            for mod in model.modules():
-                if hasattr(mod, 'fuse_span'):
-                    mod.fuse_span = fuse
-        return model
+        # fuse None = the default; True/False: span conv fused into the aggregation everywhere or nowhere
+        return timm.create_model(name, involution_backend=backend, small_input=small_input, fuse_span=fuse)
     return timm.create_model(name)
 
 
