@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices
 
 from .ops import involution, involution_fused, resolve_backend
 
-__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'FUSE_MIN_BYTES']
+__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'FUSE_MIN_BYTES', 'timm_small_input_stem']
 
 # blocks per stage, by depth
 DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
@@ -373,6 +373,18 @@ class RedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def timm_small_input_stem(model: nn.Module) -> nn.Module:
+    """Give a timm ResNet (``resnet26``, ``resnet50`` ...) the stem RedNet's ``small_input=True`` uses for 32x32
+    images: a 3x3 stride-1 first conv and no max-pool. ``train.py`` and :func:`rednet.load_model` both use it, so
+    a baseline checkpoint rebuilds itself."""
+    if not (isinstance(getattr(model, 'conv1', None), nn.Conv2d) and hasattr(model, 'maxpool')):
+        raise ValueError(f'small_input is only implemented for RedNet and timm ResNets (a Conv2d conv1 and a '
+                         f'maxpool), not {type(model).__name__}')
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RedNet) -> Dict[str, torch.Tensor]:
