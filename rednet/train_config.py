@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-__all__ = ['ModelConfig', 'DataConfig', 'OptimizerConfig', 'ScheduleConfig', 'TrainSection', 'Config',
+__all__ = ['INVOLUTION_KEYS', 'check_involution_config', 'ModelConfig', 'DataConfig', 'OptimizerConfig', 'ScheduleConfig', 'TrainSection', 'Config',
            'register_schema', 'check_overrides']
 
 
@@ -19,10 +19,34 @@ class ModelConfig:
     name: str = 'rednet50'                    # timm model name (rednet26 ... rednet152, resnet50, ...)
     small_input: Optional[bool] = None        # 32x32 stem; null = automatic: on when data.img_size <= 64
     stem_kernel_size: int = 3                 # RedNet stem involution kernel (7 = detection variant)
+    kernel_size: int = 7                      # RedNet bottleneck involutions: kernel (odd)
+    group_channels: int = 16                  # ... channels per group (divides 64: 1, 2, 4, ..., 64)
+    reduction_ratio: int = 4                  # ... kernel generator reduction C -> C / r (divides 64)
+    dilation: int = 1                         # ... tap spacing ("same" padding)
     involution_backend: str = 'auto'          # rednet.ops backend used by every involution
     fuse_span: Optional[bool] = None          # span conv fused into the CPU aggregation; null = where it pays
     pretrained: Optional[str] = None          # path of weights to start from (any format rednet.load_model reads)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+# the RedNet bottleneck involution keys of ModelConfig, passed to timm.create_model as they are
+INVOLUTION_KEYS = ('kernel_size', 'group_channels', 'reduction_ratio', 'dilation')
+
+
+def check_involution_config(model: Any) -> Optional[str]:
+    """A message naming the key and its valid values when ``model.kernel_size`` ... cannot build the RedNet, or
+    when they are changed for a model that has no involutions (a timm baseline); else None."""
+    if str(model.name).startswith('rednet'):
+        from rednet.model import check_involution_args
+        try:
+            check_involution_args(**{k: model[k] for k in INVOLUTION_KEYS}, prefix='model.')
+        except ValueError as e:
+            return str(e)
+        return None
+    changed = [f'model.{k}={model[k]}' for k in INVOLUTION_KEYS if model[k] != getattr(ModelConfig, k)]
+    if changed:
+        return f'{", ".join(changed)}: the involution settings apply only to RedNet models, not {model.name}'
+    return None
 
 
 @dataclass
