@@ -26,7 +26,8 @@ import rednet  # noqa: F401  (registers the RedNet models with timm)
 from rednet import data as rdata
 from rednet import engine
 from rednet.engine import log
-from rednet.train_config import INVOLUTION_KEYS, check_involution_config, check_overrides, register_schema
+from rednet.train_config import (INVOLUTION_KEYS, check_involution_config, check_involution_overrides,
+                                 check_overrides, register_schema)
 
 register_schema()
 
@@ -416,4 +417,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == '__main__':
     engine.check_cli(check_overrides)
+    engine.check_cli(check_involution_overrides)  # every value of a -m sweep, before the first job
     main()

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-__all__ = ['INVOLUTION_KEYS', 'check_involution_config', 'ModelConfig', 'DataConfig', 'OptimizerConfig', 'ScheduleConfig', 'TrainSection', 'Config',
+__all__ = ['INVOLUTION_KEYS', 'check_involution_config', 'check_involution_overrides', 'ModelConfig', 'DataConfig', 'OptimizerConfig', 'ScheduleConfig', 'TrainSection', 'Config',
            'register_schema', 'check_overrides']
 
 
@@ -46,6 +46,31 @@ def check_involution_config(model: Any) -> Optional[str]:
     changed = [f'model.{k}={model[k]}' for k in INVOLUTION_KEYS if model[k] != getattr(ModelConfig, k)]
     if changed:
         return f'{", ".join(changed)}: the involution settings apply only to RedNet models, not {model.name}'
+    return None
+
+
+def check_involution_overrides(overrides: List[str]) -> Optional[str]:
+    """Every value the command line gives ``model.kernel_size`` ... (sweeps such as ``3,5,7`` or ``range(3,10,2)``
+    included), checked before Hydra runs anything: a multirun with one bad value fails before its first job."""
+    keys = {f'model.{k}' for k in INVOLUTION_KEYS}
+    wanted = [item for item in overrides if item.split('=', 1)[0].lstrip('+~') in keys and '=' in item]
+    if not wanted:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from rednet.model import check_involution_args
+    try:
+        parsed = OverridesParser.create().parse_overrides(wanted)
+        jobs = [(o.key_or_group, list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()])
+                for o in parsed]
+    except (HydraException, ValueError, TypeError):
+        return None  # a syntax Hydra reports itself, or a sweep without a finite list of values
+    for key, values in jobs:
+        for value in values:
+            try:
+                check_involution_args(**{key.split('.', 1)[1]: value}, prefix='model.')
+            except ValueError as e:
+                return str(e)
     return None
 
 
