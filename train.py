@@ -27,7 +27,8 @@ from rednet import data as rdata
 from rednet import engine
 from rednet.checkpoint import is_rednet
 from rednet.engine import log
-from rednet.train_config import check_overrides, register_schema
+from rednet.train_config import (INVOLUTION_KEYS, check_involution_config, check_involution_overrides,
+                                 check_overrides, register_schema)
 
 register_schema()
 
@@ -53,6 +54,9 @@ def validate_config(cfg: DictConfig) -> None:
                           f'{", ".join(timm.list_models("rednet*"))} (or any timm model, e.g. resnet50)')
     if is_rednet(cfg.model.name):
         choose(cfg.model.involution_backend, BACKENDS, 'model.involution_backend')
+    problem = check_involution_config(cfg.model)
+    if problem:
+        raise ConfigError(problem)
     choose(cfg.data.name, rdata.DATASETS, 'data.name')
     choose(cfg.data.bad_images, ('error', 'skip'), 'data.bad_images')
     choose(cfg.data.train_crop, ('rrc', 'pad', 'none'), 'data.train_crop')
@@ -121,7 +125,8 @@ def build_model(cfg: DictConfig, num_classes: int, info: engine.DistInfo):
         small = cfg.data.img_size <= 64
     model_args: Dict[str, Any] = dict(num_classes=num_classes, in_chans=3, **cfg.model.kwargs)
     if is_rednet(cfg.model.name):
-        model_args.update(small_input=bool(small), stem_kernel_size=cfg.model.stem_kernel_size)
+        model_args.update(small_input=bool(small), stem_kernel_size=cfg.model.stem_kernel_size,
+                          **{k: cfg.model[k] for k in INVOLUTION_KEYS})
         model = timm.create_model(cfg.model.name, involution_backend=cfg.model.involution_backend,
                                   fuse_span=cfg.model.fuse_span, **model_args)
     else:
@@ -409,4 +414,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == '__main__':
     engine.check_cli(check_overrides)
+    engine.check_cli(check_involution_overrides)  # every value of a -m sweep, before the first job
     main()

@@ -10,8 +10,12 @@ the official code's. Differences, each documented where it lives:
 - odd input sizes work: the kernel generator's stride pooling uses ``ceil_mode=True``, which equals the
   official ``AvgPool2d(s, s)`` on even sizes and gives one kernel per output pixel on odd ones;
 - ``small_input=True`` builds a stem for 32x32 data sets (CIFAR, digits): stride-1 first conv and no max-pool;
-- ``stem_kernel_size=7`` builds the detection/segmentation variant of the stem.
+- ``stem_kernel_size=7`` builds the detection/segmentation variant of the stem;
+- the bottleneck involutions' hyperparameters (``kernel_size``, ``group_channels``, ``reduction_ratio``,
+  ``dilation``) are arguments, for the paper's ablations; the defaults (7, 16, 4, 1) are the official model.
+  The stem's involution keeps its official group channels (16) and reduction (4).
 """
+import math
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -25,7 +29,8 @@ from timm.models._features import feature_take_indices
 
 from .ops import involution, involution_fused, resolve_backend
 
-__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'FUSE_MIN_BYTES', 'timm_small_input_stem']
+__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'STAGE_WIDTHS', 'FUSE_MIN_BYTES', 'check_involution_args',
+           'timm_small_input_stem']
 
 # blocks per stage, by depth
 DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
@@ -35,6 +40,37 @@ DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
     101: (3, 4, 23, 3),
     152: (3, 8, 36, 3),
 }
+
+# the bottlenecks' mid widths (the involutions' channel counts), by stage
+STAGE_WIDTHS: Tuple[int, int, int, int] = (64, 128, 256, 512)
+
+
+def _divisors(n: int) -> Tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def check_involution_args(kernel_size: int = 7, group_channels: int = 16, reduction_ratio: int = 4,
+                          dilation: int = 1, widths: Tuple[int, ...] = STAGE_WIDTHS, prefix: str = '') -> None:
+    """Raise ``ValueError`` naming the key and its valid values for involution hyperparameters that cannot
+    build a layer of every width in ``widths``.
+
+    ``prefix`` is put before each key in the message (``'model.'`` for the Hydra config).
+    """
+    common = math.gcd(*widths)
+    valid = ', '.join(map(str, _divisors(common)))
+    width_list = ', '.join(map(str, widths))
+    checks = (
+        ('kernel_size', kernel_size, kernel_size >= 1 and kernel_size % 2 == 1,
+         'an odd number >= 1 (the paper ablates 3, 5, 7, 9)'),
+        ('group_channels', group_channels, group_channels >= 1 and common % group_channels == 0,
+         f'one of {valid} (it must divide every involution width: {width_list})'),
+        ('reduction_ratio', reduction_ratio, reduction_ratio >= 1 and common % reduction_ratio == 0,
+         f'one of {valid} (it must divide every involution width: {width_list})'),
+        ('dilation', dilation, dilation >= 1, 'an integer >= 1'),
+    )
+    for key, value, ok, valid_values in checks:
+        if not isinstance(value, int) or isinstance(value, bool) or not ok:
+            raise ValueError(f'{prefix}{key}={value!r} is not valid: use {valid_values}')
 
 # fuse_span=None fuses the span conv into the aggregation where the layer's kernel map (N * K*K*G * H_out * W_out
 # values, in float32 or wider) would take at least this many bytes: where it no longer stays in the last-level
@@ -47,8 +83,15 @@ FUSE_MIN_BYTES = {'native': 16 << 20, 'cpp': 32 << 20}
 class Involution(nn.Module):
     """Involution layer: per-pixel kernels generated from the input, shared across a group's channels.
 
-    Kernel generation (official): optional ``AvgPool2d(stride)`` -> 1x1 conv C -> C/4 (no bias) + BN + ReLU
-    -> 1x1 conv C/4 -> K*K*G (bias). Aggregation: :func:`rednet.ops.involution`.
+    Kernel generation (official): optional ``AvgPool2d(stride)`` -> 1x1 conv C -> C/r (no bias) + BN + ReLU
+    -> 1x1 conv C/r -> K*K*G (bias), with G = C / ``group_channels`` groups and r = ``reduction_ratio``
+    (official: 16 and 4). Aggregation: :func:`rednet.ops.involution`, with ``dilation`` and the "same" padding
+    ``dilation * (K - 1) // 2``, so the output is ``ceil(H / stride) x ceil(W / stride)`` for every K and
+    dilation. Parameters: C*C/r + 2*C/r (reduce conv, BN) + (C/r)*K*K*G + K*K*G (span conv, bias).
+
+    Unlike a convolution it keeps the channel count (C in, C out) and has no padding argument; the stride
+    comes through the kernel generator's average pooling. As a drop-in for a KxK conv with equal in/out
+    channels: ``nn.Conv2d(c, c, 3, stride, 1)`` -> ``Involution(c, 7, stride)``.
 
     ``fuse_span``: with the ``native`` or ``cpp`` backend in eager mode the last conv can be fused into the
     aggregation (:func:`rednet.ops.involution_fused`): the K*K*G-channel kernel map (3x the feature map) is never
@@ -71,15 +114,19 @@ class Involution(nn.Module):
             stride: int = 1,
             group_channels: int = 16,
             reduction_ratio: int = 4,
+            dilation: int = 1,
             backend: str = 'auto',
             fuse_span: Optional[bool] = None,
     ):
         super().__init__()
-        if channels % group_channels:
-            raise ValueError(f'Involution: channels ({channels}) must be a multiple of group_channels '
-                             f'({group_channels})')
+        check_involution_args(kernel_size, group_channels, reduction_ratio, dilation, (channels,))
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f'stride={stride!r} is not valid: use an integer >= 1')
         self.kernel_size = kernel_size
         self.stride = stride
+        self.dilation = dilation
+        self.group_channels = group_channels
+        self.reduction_ratio = reduction_ratio
         self.groups = channels // group_channels
         self.backend = backend
         # ceil_mode=True equals the official AvgPool2d(s, s) on even sizes and keeps one kernel per output
@@ -115,15 +162,19 @@ class Involution(nn.Module):
         fused_backend = self._fuse(x, r)
         if fused_backend:
             return involution_fused(x, r, self.span.weight, self.span.bias, self.kernel_size, self.stride,
-                                    backend=fused_backend)
+                                    dilation=self.dilation, backend=fused_backend)
         weight = self.span(r)
         n, _, h, w = weight.shape
         weight = weight.view(n, self.groups, self.kernel_size, self.kernel_size, h, w)
-        return involution(x, weight, stride=self.stride, backend=self.backend)
+        return involution(x, weight, stride=self.stride, dilation=self.dilation, backend=self.backend)
 
 
 class Bottleneck(nn.Module):
-    """1x1 conv -> 7x7 involution (carrying the stride) -> 1x1 conv, plus shortcut."""
+    """1x1 conv -> 7x7 involution (carrying the stride) -> 1x1 conv, plus shortcut.
+
+    ``involution_args``: further :class:`Involution` arguments (``group_channels``, ``reduction_ratio``,
+    ``dilation``).
+    """
     expansion = 4
 
     def __init__(
@@ -134,13 +185,14 @@ class Bottleneck(nn.Module):
             kernel_size: int = 7,
             involution_backend: str = 'auto',
             drop_path: float = 0.0,
+            **involution_args: Any,
     ):
         super().__init__()
         out_chs = mid_chs * self.expansion
         self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid_chs)
         self.act1 = nn.ReLU(inplace=True)
-        self.inv = Involution(mid_chs, kernel_size, stride, backend=involution_backend)
+        self.inv = Involution(mid_chs, kernel_size, stride, backend=involution_backend, **involution_args)
         self.bn2 = nn.BatchNorm2d(mid_chs)
         self.act2 = nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
@@ -199,6 +251,9 @@ class RedNet(nn.Module):
             stem_kernel_size: int = 3,
             small_input: bool = False,
             kernel_size: int = 7,
+            group_channels: int = 16,
+            reduction_ratio: int = 4,
+            dilation: int = 1,
             global_pool: str = 'avg',
             involution_backend: str = 'auto',
             fuse_span: Optional[bool] = None,
@@ -213,7 +268,11 @@ class RedNet(nn.Module):
             in_chans: input image channels.
             stem_kernel_size: kernel of the stem's involution, 3 (classification) or 7 (detection variant).
             small_input: stem for 32x32 images: stride-1 first conv and no max-pool (overall stride 8).
-            kernel_size: kernel of the bottlenecks' involutions.
+            kernel_size: kernel of the bottlenecks' involutions (odd; the paper ablates 3, 5, 7, 9).
+            group_channels: channels per group of the bottlenecks' involutions (G = C / group_channels kernels
+                per pixel); must divide every stage width 64, 128, 256, 512.
+            reduction_ratio: the kernel generators' reduction (C -> C / reduction_ratio -> K*K*G); must divide 64.
+            dilation: spacing of the bottlenecks' involution taps, with "same" padding ``dilation * (K - 1) // 2``.
             global_pool: timm pooling type of the head.
             involution_backend: backend of :func:`rednet.ops.involution` used by every involution.
             fuse_span: fuse each involution's span conv into the native/cpp aggregation: ``None`` where the
@@ -225,6 +284,11 @@ class RedNet(nn.Module):
                 to ``drop_path_rate`` at the last (timm's ResNet rule).
         """
         super().__init__()
+        check_involution_args(kernel_size, group_channels, reduction_ratio, dilation)
+        if not isinstance(stem_kernel_size, int) or stem_kernel_size < 1 or stem_kernel_size % 2 == 0:
+            raise ValueError(f'stem_kernel_size={stem_kernel_size!r} is not valid: use an odd number '
+                             f'(official: 3; 7 for the detection variant)')
+        inv_args = dict(group_channels=group_channels, reduction_ratio=reduction_ratio, dilation=dilation)
         self.num_classes = num_classes
         self.small_input = small_input
         self.drop_rate = drop_rate
@@ -236,14 +300,14 @@ class RedNet(nn.Module):
 
         in_chs, reduction = 64, stem_stride * (1 if small_input else 2)
         block_idx, num_blocks_total = 0, sum(layers)
-        for i, (num_blocks, mid_chs) in enumerate(zip(layers, (64, 128, 256, 512))):
+        for i, (num_blocks, mid_chs) in enumerate(zip(layers, STAGE_WIDTHS)):
             stride = 1 if i == 0 else 2
             reduction *= stride
             blocks = []
             for j in range(num_blocks):
                 drop_path = drop_path_rate * block_idx / max(num_blocks_total - 1, 1)
                 blocks.append(Bottleneck(in_chs, mid_chs, stride if j == 0 else 1, kernel_size, involution_backend,
-                                         drop_path))
+                                         drop_path, **inv_args))
                 in_chs = mid_chs * Bottleneck.expansion
                 block_idx += 1
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
