@@ -14,7 +14,7 @@ schedule, loss, resume, then the epoch loop (train, evaluate, log, checkpoint). 
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
 import torch
@@ -180,12 +180,14 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, global_batch: int) -> Tup
     return optimizer, lr
 
 
-def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, step: int = 0):
+    """The schedule of the current config, positioned at optimizer step ``step`` (0: a fresh run; on resume the
+    position :func:`resume_position` computed, so the lr is the one a fresh run of this config has there)."""
     s = cfg.schedule
-    lr = optimizer.param_groups[0]['lr']
+    lr = optimizer.param_groups[0].get('initial_lr', optimizer.param_groups[0]['lr'])
     fn = engine.WarmupCosine(cfg.train.epochs, steps_per_epoch, round(s.warmup_epochs * steps_per_epoch),
                              s.warmup_ratio, s.min_lr / lr if lr > 0 else 0.0, s.per_step, s.name)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=step - 1)
 
 
 def build_loss(cfg: DictConfig, num_classes: int):
@@ -242,13 +244,65 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     return Path(cfg.train.resume) if cfg.train.resume else None
 
 
-def load_resume(path: Path, model, optimizer, scheduler, scaler, ema, info: engine.DistInfo) -> Dict[str, Any]:
-    """Restore training state from ``path``; returns where to continue (epoch, batches_done, step, best, rng)."""
+def run_layout(cfg: DictConfig, steps_per_epoch: int, world_size: int) -> Dict[str, Any]:
+    """What fixes the step count and the lr of a run: saved in checkpoints, compared on resume."""
+    return dict(epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.train.batch_size,
+                grad_accum=cfg.train.grad_accum, processes=world_size)
+
+
+def _saved_layout(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    if ckpt.get('layout'):
+        return ckpt['layout']
+    t, fn = ckpt['config']['train'], ckpt['scheduler']['lr_lambdas'][0]  # checkpoints before 'layout'
+    return dict(epochs=t['epochs'], steps_per_epoch=fn['iters_per_epoch'], batch_size=t['batch_size'],
+                grad_accum=t['grad_accum'], processes=ckpt.get('world_size', 1))
+
+
+def _config_changes(ckpt: Dict[str, Any], cfg: DictConfig, layout: Dict[str, Any]) -> List[str]:
+    """``key old -> new`` for every setting of the run's layout, optimizer and schedule that differs."""
+    old = _saved_layout(ckpt)
+    names = dict(epochs='train.epochs', batch_size='train.batch_size', grad_accum='train.grad_accum',
+                 processes='processes')
+    changes = [f'{name} {old[k]} -> {layout[k]}' for k, name in names.items() if old[k] != layout[k]]
+    for section in ('optimizer', 'schedule'):
+        saved, now = ckpt['config'].get(section, {}), OmegaConf.to_container(cfg[section], resolve=True)
+        changes += [f'{section}.{k} {saved.get(k)} -> {v}' for k, v in now.items() if saved.get(k) != v]
+    return changes
+
+
+def resume_position(ckpt: Dict[str, Any], layout: Dict[str, Any]) -> Dict[str, int]:
+    """Where to continue in the current config: (epoch, micro-batches done in it, optimizer step).
+
+    The same layout continues exactly where the checkpoint stopped. A changed one (epochs, batch size, processes,
+    accumulation) continues at the same point counted in epochs done plus the fraction of the current one,
+    at the optimizer step a fresh run of the current config has there.
+    """
+    old = _saved_layout(ckpt)
+    complete = ckpt.get('epoch_complete', True)
+    epoch = ckpt['epoch'] + 1 if complete else ckpt['epoch']
+    batches_done = 0 if complete else ckpt['batches_done']
+    if all(old[k] == layout[k] for k in ('steps_per_epoch', 'batch_size', 'grad_accum', 'processes')):
+        return dict(epoch=epoch, batches_done=batches_done, step=ckpt['step'])
+    steps_in_epoch = (batches_done // old['grad_accum']) * layout['steps_per_epoch'] // old['steps_per_epoch']
+    return dict(epoch=epoch, batches_done=steps_in_epoch * layout['grad_accum'],
+                step=epoch * layout['steps_per_epoch'] + steps_in_epoch)
+
+
+def load_resume(path: Path, cfg: DictConfig, model, optimizer, scaler, ema, info: engine.DistInfo,
+                layout: Dict[str, Any]) -> Dict[str, Any]:
+    """Restore training state from ``path``; returns where to continue (epoch, batches_done, step, best, rng).
+
+    The optimizer's state (momenta) comes from the checkpoint, its hyperparameters (lr by the linear scaling
+    rule for the current global batch, weight decay, ...) from the current config; the schedule is rebuilt
+    from the current config by the caller (:func:`build_schedule` at the returned step).
+    """
     from rednet.checkpoint import load_state_dict_strict
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     load_state_dict_strict(model, ckpt['model'], str(path))
+    fresh = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt['optimizer'])
-    scheduler.load_state_dict(ckpt['scheduler'])
+    for group, hyper in zip(optimizer.param_groups, fresh):
+        group.update(hyper, initial_lr=hyper['lr'])
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     if ema is not None:
@@ -262,12 +316,16 @@ def load_resume(path: Path, model, optimizer, scheduler, scaler, ema, info: engi
         warnings.warn(f'{path} was written by {len(rngs)} processes, this run has {info.world_size}: '
                       f'random states are not restored exactly')
         rng = None
+    where = resume_position(ckpt, layout)
     complete = ckpt.get('epoch_complete', True)
-    where = dict(epoch=ckpt['epoch'] + 1 if complete else ckpt['epoch'],
-                 batches_done=0 if complete else ckpt['batches_done'],
-                 step=ckpt['step'], best_top1=ckpt.get('best_top1', 0.0), rng=rng)
     log(f'resumed from {path}: epoch {ckpt["epoch"]} {"done" if complete else "interrupted"}, step {ckpt["step"]}')
-    return where
+    changes = _config_changes(ckpt, cfg, layout)
+    if changes:
+        log(f'resume with a changed config: {", ".join(changes)}; schedule rebuilt from the current config, '
+            f'continuing at epoch {where["epoch"]} + {where["batches_done"] // layout["grad_accum"]}/'
+            f'{layout["steps_per_epoch"]} steps = optimizer step {where["step"]} of '
+            f'{layout["epochs"] * layout["steps_per_epoch"]}')
+    return dict(where, best_top1=ckpt.get('best_top1', 0.0), rng=rng)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,7 +379,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     global_batch = cfg.train.batch_size * info.world_size * cfg.train.grad_accum
     steps_per_epoch = len(train_loader) // cfg.train.grad_accum
     optimizer, lr = build_optimizer(cfg, model, global_batch)
-    scheduler = build_schedule(cfg, optimizer, steps_per_epoch)
+    layout = run_layout(cfg, steps_per_epoch, info.world_size)
     criterion, mixup_fn = build_loss(cfg, num_classes)
     scaler = torch.amp.GradScaler(info.device.type) if cfg.train.amp == 'fp16' else None
     ema = None
@@ -335,9 +393,10 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     start_epoch, batches_done, step, best_top1, rng = 0, 0, 0, 0.0, None
     resume_path = find_resume(cfg, run_dir)
     if resume_path is not None:
-        where = load_resume(resume_path, model, optimizer, scheduler, scaler, ema, info)
+        where = load_resume(resume_path, cfg, model, optimizer, scaler, ema, info, layout)
         start_epoch, batches_done, step = where['epoch'], where['batches_done'], where['step']
         best_top1, rng = where['best_top1'], where['rng']
+    scheduler = build_schedule(cfg, optimizer, steps_per_epoch, step)
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     writer, metrics_path = open_logs(run_dir, start_epoch, step, info)
@@ -348,8 +407,8 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
         engine.restore_rng_state(rng)  # last: nothing above may consume random numbers after this
 
     def state(epoch, complete, done, metrics=None):
-        return checkpoint_state(model, arch, model_args, optimizer, scheduler, scaler, ema, cfg, epoch, complete,
-                                done, step, best_top1, metrics, info.world_size)
+        return dict(checkpoint_state(model, arch, model_args, optimizer, scheduler, scaler, ema, cfg, epoch,
+                                     complete, done, step, best_top1, metrics, info.world_size), layout=layout)
 
     metrics: Dict[str, Any] = {}
     try:
