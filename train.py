@@ -65,6 +65,9 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ('train.epochs', 'train.batch_size', 'train.grad_accum', 'train.eval_every', 'data.img_size'):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f'{key} must be >= 1, got {OmegaConf.select(cfg, key)}')
+    if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and cfg.train.batch_size % 2:
+        raise ConfigError(f'train.mixup/train.cutmix pair the images of a batch and need an even '
+                          f'train.batch_size, got {cfg.train.batch_size}')
     if cfg.train.resume not in (None, 'auto') and not Path(cfg.train.resume).is_file():
         raise ConfigError(f'train.resume={cfg.train.resume}: no such file (use train.resume=auto to continue from '
                           f'the run directory\'s checkpoints/last.pt)')
@@ -100,8 +103,9 @@ def build_data(cfg: DictConfig, info: engine.DistInfo):
                                   class_to_idx=getattr(train_set, 'class_to_idx', None))
     num_classes = cfg.data.num_classes or len(train_set.classes)
     pin = cfg.data.pin_memory and info.device.type == 'cuda'
+    mixing = cfg.train.mixup > 0 or cfg.train.cutmix > 0  # timm's Mixup needs even batches: no short last one
     train_loader = rdata.build_loader(train_set, cfg.train.batch_size, True, cfg.data.workers, cfg.train.seed,
-                                      info.rank, info.world_size, pin)
+                                      info.rank, info.world_size, pin, drop_last=True if mixing else None)
     val_loader = rdata.build_loader(val_set, cfg.train.batch_size, False, cfg.data.workers, cfg.train.seed,
                                     info.rank, info.world_size, pin)
     if len(train_loader) < cfg.train.grad_accum:
@@ -331,17 +335,31 @@ def load_resume(path: Path, cfg: DictConfig, model, optimizer, scaler, ema, info
 # ---------------------------------------------------------------------------------------------------------
 # 7. logging
 
+def _epoch_rows(metrics_path: Path) -> list:
+    """The lines of ``metrics.jsonl`` with their epochs; a truncated or garbled line (a kill while appending) is
+    dropped with a warning."""
+    rows = []
+    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((json.loads(line)['epoch'], line))
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f'{metrics_path}: dropping unreadable line {n} ({type(e).__name__}: {line[:60]!r})')
+    return rows
+
+
 def open_logs(run_dir: Path, start_epoch: int, step: int, info: engine.DistInfo):
-    """TensorBoard writer and metrics.jsonl (entries of epochs about to be redone are dropped)."""
+    """TensorBoard writer and metrics.jsonl (entries of epochs about to be redone are dropped; rewritten
+    atomically)."""
     if not info.is_main:
         return None, None
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir / 'tb'), purge_step=step if step else None)
     metrics_path = run_dir / 'metrics.jsonl'
     if metrics_path.exists():
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)['epoch'] < start_epoch]
-        metrics_path.write_text(''.join(line + '\n' for line in kept))
+        kept = ''.join(line + '\n' for epoch, line in _epoch_rows(metrics_path) if epoch < start_epoch)
+        engine.atomic_write(str(metrics_path), lambda tmp: Path(tmp).write_text(kept))
     metrics_path.touch()
     return writer, metrics_path
 
@@ -399,6 +417,9 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     scheduler = build_schedule(cfg, optimizer, steps_per_epoch, step)
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, ckpt_dir):
+            for name in engine.remove_stale_temp_files(str(folder)):
+                log(f'removed {folder / name}, left by a save that was killed')
     writer, metrics_path = open_logs(run_dir, start_epoch, step, info)
     stop = engine.StopFlag().install()
     last_path = ckpt_dir / 'last.pt'
@@ -414,7 +435,6 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             train_loader.sampler.set_epoch(epoch, skip=batches_done * cfg.train.batch_size)
-            train_loader.generator.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + info.rank)
             stats = engine.train_one_epoch(
                 wrapped, train_loader, optimizer, scheduler, criterion, info.device, epoch,
                 global_step=step, batches_done=batches_done, steps_per_epoch=steps_per_epoch, amp=cfg.train.amp,
@@ -423,6 +443,9 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 skip_nonfinite=cfg.train.skip_nonfinite, stop=stop, last_checkpoint=last_good, writer=writer,
                 log_every=cfg.train.log_every, progress=cfg.train.progress and info.is_main)
             step = stats['global_step']
+            engine.broadcast_buffers(model)  # validate and save the same BatchNorm statistics on every rank
+            if ema is not None:
+                engine.broadcast_buffers(ema.module)
             if stats['interrupted']:
                 save_checkpoint(last_path, state(epoch, False, stats['batches_done']), info)
                 log(f'SIGTERM: stopped at epoch {epoch}, step {step}; saved {last_path}. Continue with the same '
@@ -446,7 +469,8 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 val_top5=val['top5'] if val else None, lr=stats['lr'], img_per_sec=stats['img_per_sec'],
                 epoch_time=stats['time'], val_img_per_sec=val['img_per_sec'] if val else None,
                 val_images=val['images'] if val else None, best_top1=best_top1,
-                skipped_steps=stats['skipped_steps'], val_top1_ema=ema_val['top1'] if ema_val else None)
+                skipped_steps=stats['skipped_steps'], val_top1_ema=ema_val['top1'] if ema_val else None,
+                skipped_images=stats['skipped_images'], val_skipped_images=val['skipped_images'] if val else None)
             log_epoch(writer, metrics_path, metrics)
             save_checkpoint(last_path, state(epoch, True, 0, metrics), info)
             last_good = str(last_path)

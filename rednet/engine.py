@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 __all__ = ['DistInfo', 'setup_distributed', 'cleanup_distributed', 'reduce_sum', 'broadcast_object',
            'WarmupCosine', 'NonFiniteLossError', 'StopFlag', 'atomic_write', 'atomic_save',
-           'atomic_link_or_copy', 'log', 'run_cli',
+           'atomic_link_or_copy', 'log', 'run_cli', 'broadcast_buffers', 'reduce_tensor_sum', 'remove_stale_temp_files',
            'capture_rng_state', 'restore_rng_state', 'seed_everything', 'set_deterministic',
            'autocast', 'accuracy', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
@@ -132,6 +132,27 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Make every process's buffers (BatchNorm running statistics) those of rank ``src``.
+
+    Called before each validation and checkpoint, so the accuracy logged for an epoch is that of the weights
+    saved for it. Broadcast rather than average (timm's ``distribute_bn``): DDP itself broadcasts rank 0's
+    buffers at the next synchronised forward (``broadcast_buffers=True``), so this changes nothing the
+    training sees, keeps resumed runs bit-identical, and saves exactly the statistics that will be evaluated.
+    One broadcast per dtype (the buffers flattened together).
+    """
+    if not _dist_on():
+        return
+    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+    for b in module.buffers():
+        groups.setdefault((b.dtype, b.device), []).append(b)
+    for buffers in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src)
+        for b, v in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(v.view_as(b))
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare model inside DDP and/or ``torch.compile`` wrappers."""
     while True:
@@ -214,6 +235,19 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(folder)
+
+
+def remove_stale_temp_files(folder: str) -> List[str]:
+    """Delete the temporary files of :func:`atomic_write` that killed saves left in ``folder`` (call before
+    the run writes anything there); returns their names."""
+    removed = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith('.') and '.tmp-' in name:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+                    removed.append(name)
+    return removed
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -314,9 +348,11 @@ class StopFlag:
         self.signum = signum
 
 
-def _test_fault(step: int, kinds: Tuple[str, ...] = ('KILL', 'TERM')) -> Optional[str]:
+def _test_fault(step: int, kinds: Tuple[str, ...] = ('KILL', 'TERM', 'TERMPG')) -> Optional[str]:
     """Fault injection for the test suite: ``_REDNET_FAULT=KIND@STEP`` with KIND one of KILL, TERM (sent after
-    optimizer step STEP), NAN (the loss of step STEP becomes NaN)."""
+    optimizer step STEP), TERMPG (SIGTERM to the whole process group, as SLURM's ``--signal`` and Kubernetes
+    send it; only where the group is a session of its own, so a test runner is never hit), NAN (the loss of
+    step STEP becomes NaN)."""
     spec = os.environ.get('_REDNET_FAULT')
     if not spec:
         return None
@@ -327,6 +363,8 @@ def _test_fault(step: int, kinds: Tuple[str, ...] = ('KILL', 'TERM')) -> Optiona
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == 'TERM':
         os.kill(os.getpid(), signal.SIGTERM)
+    elif kind == 'TERMPG' and os.getpgid(0) == os.getsid(0):
+        os.killpg(os.getpgid(0), signal.SIGTERM)
     return kind
 
 
