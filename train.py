@@ -470,6 +470,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 epoch_time=stats['time'], val_img_per_sec=val['img_per_sec'] if val else None,
                 val_images=val['images'] if val else None, best_top1=best_top1,
                 skipped_steps=stats['skipped_steps'], val_top1_ema=ema_val['top1'] if ema_val else None,
+                val_loss_ema=ema_val['loss'] if ema_val else None,
                 skipped_images=stats['skipped_images'], val_skipped_images=val['skipped_images'] if val else None)
             log_epoch(writer, metrics_path, metrics)
             save_checkpoint(last_path, state(epoch, True, 0, metrics), info)
