@@ -450,6 +450,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 save_checkpoint(last_path, state(epoch, False, stats['batches_done']), info)
                 log(f'SIGTERM: stopped at epoch {epoch}, step {step}; saved {last_path}. Continue with the same '
                     f'command plus train.resume=auto hydra.run.dir={run_dir}')
+                stop.pass_on()
                 return {'interrupted': True, 'run_dir': str(run_dir), **metrics}
             batches_done = 0
 
@@ -480,6 +481,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
             if engine.reduce_sum([float(stop.requested)], info.device)[0] > 0 and not last_epoch:
                 log(f'SIGTERM: stopped after epoch {epoch}; saved {last_path}. Continue with the same command plus '
                     f'train.resume=auto hydra.run.dir={run_dir}')
+                stop.pass_on()
                 return {'interrupted': True, 'run_dir': str(run_dir), **metrics}
     finally:
         stop.uninstall()

@@ -325,15 +325,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopFlag:
-    """Set by SIGTERM (preemption, ``scancel``, torchrun shutting down): the loop finishes the current step,
-    saves a checkpoint and returns."""
+    """Set by SIGTERM (preemption, ``scancel``, torchrun shutting down) or SIGUSR2 (submitit's and SLURM's
+    ``--signal`` of choice): the loop finishes the current step, saves a checkpoint and returns."""
 
     def __init__(self):
         self.requested = False
         self.signum: Optional[int] = None
         self._previous: Dict[int, Any] = {}
 
-    def install(self, signals: Iterable[int] = (signal.SIGTERM,)) -> 'StopFlag':
+    def install(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR2)) -> 'StopFlag':
         for s in signals:
             self._previous[s] = signal.signal(s, self._handler)
         return self
@@ -342,6 +342,14 @@ class StopFlag:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+    def pass_on(self) -> None:
+        """After the graceful save: uninstall, and hand the signal to the Python handler that was installed
+        before ours, if any (under ``hydra/launcher=submitit_slurm``: submitit's, which requeues the job)."""
+        previous = self._previous.get(self.signum)
+        self.uninstall()
+        if callable(previous):
+            previous(self.signum, None)
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
