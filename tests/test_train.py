@@ -209,3 +209,25 @@ def test_train_on_an_image_folder_with_a_bad_image(tmp_path):
         train.train(compose(args + ['data.bad_images=skip']), run_dir=str(tmp_path / 'run2'))
     row = _metrics(tmp_path / 'run2')[0]
     assert row['val_images'] == 12 and row['step'] == 1  # one batch of all 13 training files (1 unreadable)
+    assert row['skipped_images'] == 1 and row['val_skipped_images'] == 0
+
+
+def test_eval_counts_each_image_once_and_reports_skipped_ones(tmp_path):
+    """eval.py with data.bad_images=skip on a split of 12 readable images and 1 unreadable one: 12 images
+    evaluated (none counted twice in place of the unreadable one) and skipped_images 1 in eval.json."""
+    from test_data import _make_folder
+    root = _make_folder(tmp_path / 'ds', corrupt=True)
+    args = ['model=rednet26', 'model.involution_backend=native', 'data=imagefolder', f'data.root={root}',
+            'data.img_size=16', 'data.workers=0', 'train.batch_size=12', 'train.epochs=1', 'train.progress=false',
+            'data.bad_images=skip', 'optimizer.lr=0']
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        train.train(compose(args), run_dir=str(tmp_path / 'run'))
+    out = tmp_path / 'eval'
+    r = subprocess.run([sys.executable, 'eval.py', f'checkpoint={tmp_path}/run/checkpoints/last.pt',
+                        'data=imagefolder', f'data.root={root}', 'data.val_split=train', 'data.bad_images=skip',
+                        'data.workers=2', 'batch_size=5', 'involution_backend=native', 'progress=false',
+                        f'hydra.run.dir={out}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / 'eval.json').read_text())
+    assert result['images'] == 12 and result['skipped_images'] == 1
+    assert '1 unreadable skipped' in r.stdout
