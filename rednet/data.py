@@ -369,10 +369,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def seed_sample(seed: int) -> None:
-    """Seed every RNG a transform may draw from (torch, Python's ``random``: timm; NumPy)."""
+    """Seed every RNG a transform may draw from: torch's CPU generator (torchvision), Python's ``random``
+    (timm) and NumPy's global one. ``torch.default_generator`` directly: ``torch.manual_seed`` also visits
+    every accelerator backend, 40x slower (about 260 us here)."""
     import random
     import numpy as np
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
 

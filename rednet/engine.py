@@ -52,9 +52,14 @@ class DistInfo:
 def setup_distributed(device: Optional[str] = None, backend: Optional[str] = None) -> DistInfo:
     """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``).
 
-    Without those variables: a single process. Device: ``device`` if given, else CUDA (``cuda:LOCAL_RANK``)
+    Under Hydra's submitit launcher (``SUBMITIT_EXECUTOR`` set), submitit's ``TorchDistributedEnvironment``
+    exports them from the SLURM task. Without those variables: a single process. Device: ``device`` if given, else CUDA (``cuda:LOCAL_RANK``)
     when available, else CPU. Backend: NCCL on CUDA, gloo on CPU, unless ``backend`` says otherwise.
     """
+    if 'RANK' not in os.environ and os.environ.get('SUBMITIT_EXECUTOR'):
+        # a task of hydra/launcher=submitit_*: one process of the group per task, ranks from SLURM
+        from submitit.helpers import TorchDistributedEnvironment
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))

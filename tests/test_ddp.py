@@ -83,6 +83,7 @@ def test_at_most_one_all_reduce_per_optimizer_step(reference):
     validation, SIGTERM check); with a flag all-reduce per micro-batch it would be >= 32."""
     _, _, counts = reference
     steps = 2 * STEPS_PER_EPOCH
+    print(f'all-reduces per process: {counts} for {steps} optimizer steps')
     for n in counts:
         assert 0 < n <= steps + 2 * 4, counts
 
