@@ -9,15 +9,7 @@ import torch
 from _train_utils import TINY, compose
 
 import train  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.get_num_threads())
-    yield
-    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
-    torch.set_num_threads(state[2])
+from test_train import _restore_torch_globals  # noqa: F401  (autouse: leaves torch's globals as found)
 
 
 def _metrics(run_dir):

@@ -4,23 +4,14 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from _train_utils import TINY, compose
 
 import train  # noqa: E402
+from test_train import _restore_torch_globals  # noqa: F401  (autouse: leaves torch's globals as found)
 from rednet.checkpoint import CheckpointError, read_checkpoint
 
 SMALL = TINY + ['data.train_size=32', 'data.val_size=8']
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.get_num_threads())
-    yield
-    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
-    torch.set_num_threads(state[2])
 
 
 def test_truncated_metrics_line_and_stale_temp_files_do_not_block_resume(tmp_path):
