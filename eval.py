@@ -136,15 +136,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
                             progress=cfg.progress and info.is_main)
     result = dict(checkpoint=str(cfg.checkpoint), arch=model.pretrained_cfg.get('architecture'),
                   data=cfg.data.name, top1=stats['top1'], top5=stats['top5'], loss=stats['loss'],
-                  images=stats['images'], img_per_sec=stats['img_per_sec'], time=stats['time'],
+                  images=stats['images'], skipped_images=stats['skipped_images'],
+                  img_per_sec=stats['img_per_sec'], time=stats['time'],
                   device=str(info.device), processes=info.world_size, amp=cfg.amp,
                   transform={k: OmegaConf.to_container(data_cfg)[k]
                              for k in ('img_size', 'crop_pct', 'interpolation', 'mean', 'std')})
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / 'eval.json').write_text(json.dumps(result, indent=2) + '\n')
+    skipped = f' ({stats["skipped_images"]} unreadable skipped)' if stats['skipped_images'] else ''
     log(f'{result["arch"]} on {cfg.data.name}: top-1 {result["top1"]:.2f}%  top-5 {result["top5"]:.2f}%  '
-        f'loss {result["loss"]:.4f}  {result["images"]} images  {result["img_per_sec"]:.1f} img/s  '
+        f'loss {result["loss"]:.4f}  {result["images"]} images{skipped}  {result["img_per_sec"]:.1f} img/s  '
         f'({run_dir / "eval.json"})')
     return result
 

@@ -14,7 +14,7 @@ schedule, loss, resume, then the epoch loop (train, evaluate, log, checkpoint). 
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
 import torch
@@ -66,6 +66,9 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ('train.epochs', 'train.batch_size', 'train.grad_accum', 'train.eval_every', 'data.img_size'):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f'{key} must be >= 1, got {OmegaConf.select(cfg, key)}')
+    if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and cfg.train.batch_size % 2:
+        raise ConfigError(f'train.mixup/train.cutmix pair the images of a batch and need an even '
+                          f'train.batch_size, got {cfg.train.batch_size}')
     if cfg.train.resume not in (None, 'auto') and not Path(cfg.train.resume).is_file():
         raise ConfigError(f'train.resume={cfg.train.resume}: no such file (use train.resume=auto to continue from '
                           f'the run directory\'s checkpoints/last.pt)')
@@ -101,8 +104,9 @@ def build_data(cfg: DictConfig, info: engine.DistInfo):
                                   class_to_idx=getattr(train_set, 'class_to_idx', None))
     num_classes = cfg.data.num_classes or len(train_set.classes)
     pin = cfg.data.pin_memory and info.device.type == 'cuda'
+    mixing = cfg.train.mixup > 0 or cfg.train.cutmix > 0  # timm's Mixup needs even batches: no short last one
     train_loader = rdata.build_loader(train_set, cfg.train.batch_size, True, cfg.data.workers, cfg.train.seed,
-                                      info.rank, info.world_size, pin)
+                                      info.rank, info.world_size, pin, drop_last=True if mixing else None)
     val_loader = rdata.build_loader(val_set, cfg.train.batch_size, False, cfg.data.workers, cfg.train.seed,
                                     info.rank, info.world_size, pin)
     if len(train_loader) < cfg.train.grad_accum:
@@ -182,12 +186,14 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, global_batch: int) -> Tup
     return optimizer, lr
 
 
-def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, step: int = 0):
+    """The schedule of the current config, positioned at optimizer step ``step`` (0: a fresh run; on resume the
+    position :func:`resume_position` computed, so the lr is the one a fresh run of this config has there)."""
     s = cfg.schedule
-    lr = optimizer.param_groups[0]['lr']
+    lr = optimizer.param_groups[0].get('initial_lr', optimizer.param_groups[0]['lr'])
     fn = engine.WarmupCosine(cfg.train.epochs, steps_per_epoch, round(s.warmup_epochs * steps_per_epoch),
                              s.warmup_ratio, s.min_lr / lr if lr > 0 else 0.0, s.per_step, s.name)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=step - 1)
 
 
 def build_loss(cfg: DictConfig, num_classes: int):
@@ -244,13 +250,65 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     return Path(cfg.train.resume) if cfg.train.resume else None
 
 
-def load_resume(path: Path, model, optimizer, scheduler, scaler, ema, info: engine.DistInfo) -> Dict[str, Any]:
-    """Restore training state from ``path``; returns where to continue (epoch, batches_done, step, best, rng)."""
+def run_layout(cfg: DictConfig, steps_per_epoch: int, world_size: int) -> Dict[str, Any]:
+    """What fixes the step count and the lr of a run: saved in checkpoints, compared on resume."""
+    return dict(epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.train.batch_size,
+                grad_accum=cfg.train.grad_accum, processes=world_size)
+
+
+def _saved_layout(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    if ckpt.get('layout'):
+        return ckpt['layout']
+    t, fn = ckpt['config']['train'], ckpt['scheduler']['lr_lambdas'][0]  # checkpoints before 'layout'
+    return dict(epochs=t['epochs'], steps_per_epoch=fn['iters_per_epoch'], batch_size=t['batch_size'],
+                grad_accum=t['grad_accum'], processes=ckpt.get('world_size', 1))
+
+
+def _config_changes(ckpt: Dict[str, Any], cfg: DictConfig, layout: Dict[str, Any]) -> List[str]:
+    """``key old -> new`` for every setting of the run's layout, optimizer and schedule that differs."""
+    old = _saved_layout(ckpt)
+    names = dict(epochs='train.epochs', batch_size='train.batch_size', grad_accum='train.grad_accum',
+                 processes='processes')
+    changes = [f'{name} {old[k]} -> {layout[k]}' for k, name in names.items() if old[k] != layout[k]]
+    for section in ('optimizer', 'schedule'):
+        saved, now = ckpt['config'].get(section, {}), OmegaConf.to_container(cfg[section], resolve=True)
+        changes += [f'{section}.{k} {saved.get(k)} -> {v}' for k, v in now.items() if saved.get(k) != v]
+    return changes
+
+
+def resume_position(ckpt: Dict[str, Any], layout: Dict[str, Any]) -> Dict[str, int]:
+    """Where to continue in the current config: (epoch, micro-batches done in it, optimizer step).
+
+    The same layout continues exactly where the checkpoint stopped. A changed one (epochs, batch size, processes,
+    accumulation) continues at the same point counted in epochs done plus the fraction of the current one,
+    at the optimizer step a fresh run of the current config has there.
+    """
+    old = _saved_layout(ckpt)
+    complete = ckpt.get('epoch_complete', True)
+    epoch = ckpt['epoch'] + 1 if complete else ckpt['epoch']
+    batches_done = 0 if complete else ckpt['batches_done']
+    if all(old[k] == layout[k] for k in ('steps_per_epoch', 'batch_size', 'grad_accum', 'processes')):
+        return dict(epoch=epoch, batches_done=batches_done, step=ckpt['step'])
+    steps_in_epoch = (batches_done // old['grad_accum']) * layout['steps_per_epoch'] // old['steps_per_epoch']
+    return dict(epoch=epoch, batches_done=steps_in_epoch * layout['grad_accum'],
+                step=epoch * layout['steps_per_epoch'] + steps_in_epoch)
+
+
+def load_resume(path: Path, cfg: DictConfig, model, optimizer, scaler, ema, info: engine.DistInfo,
+                layout: Dict[str, Any]) -> Dict[str, Any]:
+    """Restore training state from ``path``; returns where to continue (epoch, batches_done, step, best, rng).
+
+    The optimizer's state (momenta) comes from the checkpoint, its hyperparameters (lr by the linear scaling
+    rule for the current global batch, weight decay, ...) from the current config; the schedule is rebuilt
+    from the current config by the caller (:func:`build_schedule` at the returned step).
+    """
     from rednet.checkpoint import load_state_dict_strict
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     load_state_dict_strict(model, ckpt['model'], str(path))
+    fresh = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt['optimizer'])
-    scheduler.load_state_dict(ckpt['scheduler'])
+    for group, hyper in zip(optimizer.param_groups, fresh):
+        group.update(hyper, initial_lr=hyper['lr'])
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     if ema is not None:
@@ -264,28 +322,46 @@ def load_resume(path: Path, model, optimizer, scheduler, scaler, ema, info: engi
         warnings.warn(f'{path} was written by {len(rngs)} processes, this run has {info.world_size}: '
                       f'random states are not restored exactly')
         rng = None
+    where = resume_position(ckpt, layout)
     complete = ckpt.get('epoch_complete', True)
-    where = dict(epoch=ckpt['epoch'] + 1 if complete else ckpt['epoch'],
-                 batches_done=0 if complete else ckpt['batches_done'],
-                 step=ckpt['step'], best_top1=ckpt.get('best_top1', 0.0), rng=rng)
     log(f'resumed from {path}: epoch {ckpt["epoch"]} {"done" if complete else "interrupted"}, step {ckpt["step"]}')
-    return where
+    changes = _config_changes(ckpt, cfg, layout)
+    if changes:
+        log(f'resume with a changed config: {", ".join(changes)}; schedule rebuilt from the current config, '
+            f'continuing at epoch {where["epoch"]} + {where["batches_done"] // layout["grad_accum"]}/'
+            f'{layout["steps_per_epoch"]} steps = optimizer step {where["step"]} of '
+            f'{layout["epochs"] * layout["steps_per_epoch"]}')
+    return dict(where, best_top1=ckpt.get('best_top1', 0.0), rng=rng)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 7. logging
 
+def _epoch_rows(metrics_path: Path) -> list:
+    """The lines of ``metrics.jsonl`` with their epochs; a truncated or garbled line (a kill while appending) is
+    dropped with a warning."""
+    rows = []
+    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((json.loads(line)['epoch'], line))
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f'{metrics_path}: dropping unreadable line {n} ({type(e).__name__}: {line[:60]!r})')
+    return rows
+
+
 def open_logs(run_dir: Path, start_epoch: int, step: int, info: engine.DistInfo):
-    """TensorBoard writer and metrics.jsonl (entries of epochs about to be redone are dropped)."""
+    """TensorBoard writer and metrics.jsonl (entries of epochs about to be redone are dropped; rewritten
+    atomically)."""
     if not info.is_main:
         return None, None
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir / 'tb'), purge_step=step if step else None)
     metrics_path = run_dir / 'metrics.jsonl'
     if metrics_path.exists():
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)['epoch'] < start_epoch]
-        metrics_path.write_text(''.join(line + '\n' for line in kept))
+        kept = ''.join(line + '\n' for epoch, line in _epoch_rows(metrics_path) if epoch < start_epoch)
+        engine.atomic_write(str(metrics_path), lambda tmp: Path(tmp).write_text(kept))
     metrics_path.touch()
     return writer, metrics_path
 
@@ -323,7 +399,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     global_batch = cfg.train.batch_size * info.world_size * cfg.train.grad_accum
     steps_per_epoch = len(train_loader) // cfg.train.grad_accum
     optimizer, lr = build_optimizer(cfg, model, global_batch)
-    scheduler = build_schedule(cfg, optimizer, steps_per_epoch)
+    layout = run_layout(cfg, steps_per_epoch, info.world_size)
     criterion, mixup_fn = build_loss(cfg, num_classes)
     scaler = torch.amp.GradScaler(info.device.type) if cfg.train.amp == 'fp16' else None
     ema = None
@@ -337,11 +413,15 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     start_epoch, batches_done, step, best_top1, rng = 0, 0, 0, 0.0, None
     resume_path = find_resume(cfg, run_dir)
     if resume_path is not None:
-        where = load_resume(resume_path, model, optimizer, scheduler, scaler, ema, info)
+        where = load_resume(resume_path, cfg, model, optimizer, scaler, ema, info, layout)
         start_epoch, batches_done, step = where['epoch'], where['batches_done'], where['step']
         best_top1, rng = where['best_top1'], where['rng']
+    scheduler = build_schedule(cfg, optimizer, steps_per_epoch, step)
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, ckpt_dir):
+            for name in engine.remove_stale_temp_files(str(folder)):
+                log(f'removed {folder / name}, left by a save that was killed')
     writer, metrics_path = open_logs(run_dir, start_epoch, step, info)
     stop = engine.StopFlag().install()
     last_path = ckpt_dir / 'last.pt'
@@ -350,14 +430,13 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
         engine.restore_rng_state(rng)  # last: nothing above may consume random numbers after this
 
     def state(epoch, complete, done, metrics=None):
-        return checkpoint_state(model, arch, model_args, optimizer, scheduler, scaler, ema, cfg, epoch, complete,
-                                done, step, best_top1, metrics, info.world_size)
+        return dict(checkpoint_state(model, arch, model_args, optimizer, scheduler, scaler, ema, cfg, epoch,
+                                     complete, done, step, best_top1, metrics, info.world_size), layout=layout)
 
     metrics: Dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             train_loader.sampler.set_epoch(epoch, skip=batches_done * cfg.train.batch_size)
-            train_loader.generator.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + info.rank)
             stats = engine.train_one_epoch(
                 wrapped, train_loader, optimizer, scheduler, criterion, info.device, epoch,
                 global_step=step, batches_done=batches_done, steps_per_epoch=steps_per_epoch, amp=cfg.train.amp,
@@ -366,10 +445,14 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 skip_nonfinite=cfg.train.skip_nonfinite, stop=stop, last_checkpoint=last_good, writer=writer,
                 log_every=cfg.train.log_every, progress=cfg.train.progress and info.is_main)
             step = stats['global_step']
+            engine.broadcast_buffers(model)  # validate and save the same BatchNorm statistics on every rank
+            if ema is not None:
+                engine.broadcast_buffers(ema.module)
             if stats['interrupted']:
                 save_checkpoint(last_path, state(epoch, False, stats['batches_done']), info)
                 log(f'SIGTERM: stopped at epoch {epoch}, step {step}; saved {last_path}. Continue with the same '
                     f'command plus train.resume=auto hydra.run.dir={run_dir}')
+                stop.pass_on()
                 return {'interrupted': True, 'run_dir': str(run_dir), **metrics}
             batches_done = 0
 
@@ -389,7 +472,9 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 val_top5=val['top5'] if val else None, lr=stats['lr'], img_per_sec=stats['img_per_sec'],
                 epoch_time=stats['time'], val_img_per_sec=val['img_per_sec'] if val else None,
                 val_images=val['images'] if val else None, best_top1=best_top1,
-                skipped_steps=stats['skipped_steps'], val_top1_ema=ema_val['top1'] if ema_val else None)
+                skipped_steps=stats['skipped_steps'], val_top1_ema=ema_val['top1'] if ema_val else None,
+                val_loss_ema=ema_val['loss'] if ema_val else None,
+                skipped_images=stats['skipped_images'], val_skipped_images=val['skipped_images'] if val else None)
             log_epoch(writer, metrics_path, metrics)
             save_checkpoint(last_path, state(epoch, True, 0, metrics), info)
             last_good = str(last_path)
@@ -398,6 +483,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
             if engine.reduce_sum([float(stop.requested)], info.device)[0] > 0 and not last_epoch:
                 log(f'SIGTERM: stopped after epoch {epoch}; saved {last_path}. Continue with the same command plus '
                     f'train.resume=auto hydra.run.dir={run_dir}')
+                stop.pass_on()
                 return {'interrupted': True, 'run_dir': str(run_dir), **metrics}
     finally:
         stop.uninstall()

@@ -77,6 +77,9 @@ def _read_pdparams(path: Path) -> Dict[str, torch.Tensor]:
             value = value[1]  # some Paddle versions store (internal_name, array)
         if not isinstance(value, np.ndarray):
             raise CheckpointError(f'{path}: entry {key!r} is a {type(value).__name__}, not an array')
+        if value.dtype.kind not in 'biuf':  # object, string, ... arrays are not weights
+            raise CheckpointError(f'{path}: entry {key!r} is an array of {value.dtype} (dtype kind '
+                                  f'{value.dtype.kind!r}), not of numbers; this is not a Paddle weights file')
         state_dict[key] = torch.from_numpy(np.ascontiguousarray(value))
     return state_dict
 

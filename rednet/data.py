@@ -11,7 +11,8 @@ Data sets (``data.name``):
 
 Transforms come from timm's ``create_transform`` (RandomResizedCrop + flip for training, resize + centre crop
 for evaluation), or a padded random crop for the 32x32 data sets. Samplers are deterministic functions of
-(seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would.
+(seed, epoch) and each training sample seeds its own augmentation from (seed, epoch, index), so a resumed run
+sees exactly the batches an uninterrupted run would, with any number of loader workers.
 """
 import math
 import os
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ['DataError', 'BadImageError', 'load_rgb', 'ImageFolderRGB', 'DigitsDataset', 'SyntheticDataset',
-           'build_transform', 'build_dataset', 'TrainSampler', 'EvalSampler', 'build_loader', 'DATASETS']
+           'build_transform', 'build_dataset', 'TrainSampler', 'EvalSampler', 'LoaderSamples', 'collate_skips',
+           'sample_seed', 'build_loader', 'DATASETS']
 
 DATASETS = ('imagenet', 'imagefolder', 'cifar10', 'cifar100', 'digits', 'synthetic')
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
@@ -125,23 +127,31 @@ class ImageFolderRGB(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def load(self, index: int) -> Optional[Tuple[Any, int]]:
+        """Sample ``index``, or None when its image is unreadable and ``bad_images='skip'`` (warned once per file
+        and counted in ``num_skipped``)."""
+        path, target = self.samples[index]
+        try:
+            img = load_rgb(path)
+        except BadImageError as e:
+            if self.bad_images == 'error':
+                raise BadImageError(f'{e} (set data.bad_images=skip to skip unreadable images)') from None
+            if path not in self._skipped_paths:
+                self._skipped_paths.add(path)
+                self.num_skipped += 1
+                warnings.warn(f'skipping unreadable image {path} ({self.num_skipped} skipped so far by this '
+                              f'loader process): {e}')
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
     def __getitem__(self, index: int):
+        """Sample ``index``; an unreadable one (``bad_images='skip'``) is replaced by the next readable one."""
         for attempt in range(len(self.samples)):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                img = load_rgb(path)
-            except BadImageError as e:
-                if self.bad_images == 'error':
-                    raise BadImageError(f'{e} (set data.bad_images=skip to skip unreadable images)') from None
-                if path not in self._skipped_paths:
-                    self._skipped_paths.add(path)
-                    self.num_skipped += 1
-                    warnings.warn(f'skipping unreadable image {path} ({self.num_skipped} skipped so far by this '
-                                  f'loader process): {e}')
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, target
+            sample = self.load((index + attempt) % len(self.samples))
+            if sample is not None:
+                return sample
         raise DataError(f'no readable image in {self.root}')
 
 
@@ -311,19 +321,21 @@ class TrainSampler(Sampler[int]):
     """Shuffled indices for one of ``num_replicas`` processes, a pure function of (seed, epoch).
 
     Like ``DistributedSampler`` (pads to equal shards), plus ``skip``: start an epoch after its first samples
-    (to resume a run stopped mid-epoch).
+    (to resume a run stopped mid-epoch). ``keyed=True`` yields ``(epoch, index)`` pairs for
+    :class:`LoaderSamples`, which seeds each sample's augmentation from them.
     """
 
-    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 keyed: bool = False):
         self.n = dataset_len
         self.num_replicas, self.rank, self.seed, self.shuffle = num_replicas, rank, seed, shuffle
         self.num_samples = math.ceil(dataset_len / num_replicas)
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.skip, self.keyed = 0, 0, keyed
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
             indices = torch.randperm(self.n, generator=g).tolist()
@@ -331,7 +343,8 @@ class TrainSampler(Sampler[int]):
             indices = list(range(self.n))
         total = self.num_samples * self.num_replicas
         indices += (indices * math.ceil(total / max(self.n, 1)))[:total - len(indices)]
-        return iter(indices[self.rank:total:self.num_replicas][self.skip:])
+        mine = indices[self.rank:total:self.num_replicas][self.skip:]
+        return iter([(self.epoch, i) for i in mine] if self.keyed else mine)
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -350,18 +363,112 @@ class EvalSampler(Sampler[int]):
         return len(self.indices)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The random seed of one training sample's augmentation: a pure function of (seed, epoch, index)."""
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2 ** 63
+
+
+def seed_sample(seed: int) -> None:
+    """Seed every RNG a transform may draw from: torch's CPU generator (torchvision), Python's ``random``
+    (timm) and NumPy's global one. ``torch.default_generator`` directly: ``torch.manual_seed`` also visits
+    every accelerator backend, 40x slower (about 260 us here)."""
+    import random
+    import numpy as np
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
+class LoaderSamples(Dataset):
+    """What :func:`build_loader` iterates: the samples of ``dataset``.
+
+    - Training (keys ``(epoch, index)`` from a keyed :class:`TrainSampler`): each sample's augmentation
+      randomness is seeded from :func:`sample_seed`, so batches depend neither on the number of loader workers
+      nor on where a run was interrupted (exact mid-epoch resume with workers).
+    - ``data.bad_images=skip`` (``skips``): samples are ``(image, target, skipped)``. Training replaces an
+      unreadable image by the next readable one (batch shapes stay fixed) and counts it in ``skipped``;
+      evaluation leaves it out (None, which :func:`collate_skips` drops and counts), so no image counts twice.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, train: bool = True):
+        self.dataset, self.seed, self.train = dataset, seed, train
+        self.skips = getattr(dataset, 'bad_images', 'error') == 'skip' and hasattr(dataset, 'load')
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if not self.train:
+            if not self.skips:
+                return self.dataset[key]
+            sample = self.dataset.load(key)
+            return None if sample is None else (*sample, 0)
+        epoch, index = key
+        state = _rng_state() if torch.utils.data.get_worker_info() is None else None
+        seed_sample(sample_seed(self.seed, epoch, index))
+        try:
+            if not self.skips:
+                return self.dataset[index]
+            for skipped in range(len(self.dataset)):
+                sample = self.dataset.load((index + skipped) % len(self.dataset))
+                if sample is not None:
+                    return (*sample, skipped)
+        finally:
+            if state is not None:  # loading in the main process: leave its random streams as they were
+                _set_rng_state(state)
+        raise DataError('no readable image in the training set')
+
+
+def _rng_state():
+    import random
+    import numpy as np
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _set_rng_state(state) -> None:
+    import random
+    import numpy as np
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    np.random.set_state(state[2])
+
+
+def collate_skips(samples: List[Optional[Tuple[Any, int, int]]]):
+    """``(images, targets, skipped)``: the readable samples stacked, and how many unreadable images the batch
+    left out or replaced (``data.bad_images=skip``)."""
+    from torch.utils.data import default_collate
+    good = [s[:2] for s in samples if s is not None]
+    skipped = sum(1 if s is None else s[2] for s in samples)
+    if not good:
+        raise DataError(f'every image of a batch of {len(samples)} is unreadable (data.bad_images=skip)')
+    images, targets = default_collate(good)
+    return images, targets, torch.tensor(skipped)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM: a signal to the whole process group (SLURM ``--signal``, Kubernetes) must
+    not kill them before the main process has finished its step and saved; they exit with it."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pin_memory: bool = False, drop_last: Optional[bool] = None) \
         -> DataLoader:
-    """A loader whose order and augmentation randomness depend only on (seed, epoch, rank).
+    """A loader whose order and augmentation randomness depend only on (seed, epoch, rank, sample index).
 
-    Training: call ``loader.sampler.set_epoch(epoch)`` and ``loader.generator.manual_seed(...)`` per epoch
-    (``train.py`` does both), which fixes the shuffle and the loader workers' seeds.
+    Training: call ``loader.sampler.set_epoch(epoch, skip)`` per epoch (``train.py`` does), which fixes the
+    shuffle; each sample seeds its own augmentation (:class:`LoaderSamples`). Batches are ``(images, targets)``,
+    plus the number of unreadable images left out or replaced, ``(images, targets, skipped)``, for data sets
+    with ``bad_images='skip'``. ``drop_last=None``: training drops an incomplete last batch when the shard
+    holds at least two batches.
     """
-    sampler = TrainSampler(len(dataset), world_size, rank, seed) if train else \
+    sampler = TrainSampler(len(dataset), world_size, rank, seed, keyed=True) if train else \
         EvalSampler(len(dataset), world_size, rank)
     if drop_last is None:
         drop_last = train and len(sampler) >= 2 * batch_size
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False)
+    samples = LoaderSamples(dataset, seed, train)
+    return DataLoader(samples, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=drop_last, collate_fn=collate_skips if samples.skips else None,
+                      worker_init_fn=_ignore_sigterm if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 __all__ = ['DistInfo', 'setup_distributed', 'cleanup_distributed', 'reduce_sum', 'broadcast_object',
            'WarmupCosine', 'NonFiniteLossError', 'StopFlag', 'atomic_write', 'atomic_save',
-           'atomic_link_or_copy', 'log', 'run_cli',
+           'atomic_link_or_copy', 'log', 'run_cli', 'broadcast_buffers', 'reduce_tensor_sum', 'remove_stale_temp_files',
            'capture_rng_state', 'restore_rng_state', 'seed_everything', 'set_deterministic',
            'autocast', 'accuracy', 'train_one_epoch', 'evaluate', 'unwrap_model']
 
@@ -52,9 +52,14 @@ class DistInfo:
 def setup_distributed(device: Optional[str] = None, backend: Optional[str] = None) -> DistInfo:
     """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``).
 
-    Without those variables: a single process. Device: ``device`` if given, else CUDA (``cuda:LOCAL_RANK``)
+    Under Hydra's submitit launcher (``SUBMITIT_EXECUTOR`` set), submitit's ``TorchDistributedEnvironment``
+    exports them from the SLURM task. Without those variables: a single process. Device: ``device`` if given, else CUDA (``cuda:LOCAL_RANK``)
     when available, else CPU. Backend: NCCL on CUDA, gloo on CPU, unless ``backend`` says otherwise.
     """
+    if 'RANK' not in os.environ and os.environ.get('SUBMITIT_EXECUTOR'):
+        # a task of hydra/launcher=submitit_*: one process of the group per task, ranks from SLURM
+        from submitit.helpers import TorchDistributedEnvironment
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
@@ -130,6 +135,27 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Make every process's buffers (BatchNorm running statistics) those of rank ``src``.
+
+    Called before each validation and checkpoint, so the accuracy logged for an epoch is that of the weights
+    saved for it. Broadcast rather than average (timm's ``distribute_bn``): DDP itself broadcasts rank 0's
+    buffers at the next synchronised forward (``broadcast_buffers=True``), so this changes nothing the
+    training sees, keeps resumed runs bit-identical, and saves exactly the statistics that will be evaluated.
+    One broadcast per dtype (the buffers flattened together).
+    """
+    if not _dist_on():
+        return
+    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+    for b in module.buffers():
+        groups.setdefault((b.dtype, b.device), []).append(b)
+    for buffers in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src)
+        for b, v in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(v.view_as(b))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -216,6 +242,19 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     _fsync_dir(folder)
 
 
+def remove_stale_temp_files(folder: str) -> List[str]:
+    """Delete the temporary files of :func:`atomic_write` that killed saves left in ``folder`` (call before
+    the run writes anything there); returns their names."""
+    removed = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith('.') and '.tmp-' in name:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+                    removed.append(name)
+    return removed
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
     def write(tmp: str) -> None:
@@ -291,15 +330,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopFlag:
-    """Set by SIGTERM (preemption, ``scancel``, torchrun shutting down): the loop finishes the current step,
-    saves a checkpoint and returns."""
+    """Set by SIGTERM (preemption, ``scancel``, torchrun shutting down) or SIGUSR2 (submitit's and SLURM's
+    ``--signal`` of choice): the loop finishes the current step, saves a checkpoint and returns."""
 
     def __init__(self):
         self.requested = False
         self.signum: Optional[int] = None
         self._previous: Dict[int, Any] = {}
 
-    def install(self, signals: Iterable[int] = (signal.SIGTERM,)) -> 'StopFlag':
+    def install(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR2)) -> 'StopFlag':
         for s in signals:
             self._previous[s] = signal.signal(s, self._handler)
         return self
@@ -309,14 +348,24 @@ class StopFlag:
             signal.signal(s, handler)
         self._previous.clear()
 
+    def pass_on(self) -> None:
+        """After the graceful save: uninstall, and hand the signal to the Python handler that was installed
+        before ours, if any (under ``hydra/launcher=submitit_slurm``: submitit's, which requeues the job)."""
+        previous = self._previous.get(self.signum)
+        self.uninstall()
+        if callable(previous):
+            previous(self.signum, None)
+
     def _handler(self, signum, frame) -> None:
         self.requested = True
         self.signum = signum
 
 
-def _test_fault(step: int, kinds: Tuple[str, ...] = ('KILL', 'TERM')) -> Optional[str]:
+def _test_fault(step: int, kinds: Tuple[str, ...] = ('KILL', 'TERM', 'TERMPG')) -> Optional[str]:
     """Fault injection for the test suite: ``_REDNET_FAULT=KIND@STEP`` with KIND one of KILL, TERM (sent after
-    optimizer step STEP), NAN (the loss of step STEP becomes NaN)."""
+    optimizer step STEP), TERMPG (SIGTERM to the whole process group, as SLURM's ``--signal`` and Kubernetes
+    send it; only where the group is a session of its own, so a test runner is never hit), NAN (the loss of
+    step STEP becomes NaN)."""
     spec = os.environ.get('_REDNET_FAULT')
     if not spec:
         return None
@@ -327,6 +376,8 @@ def _test_fault(step: int, kinds: Tuple[str, ...] = ('KILL', 'TERM')) -> Optiona
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == 'TERM':
         os.kill(os.getpid(), signal.SIGTERM)
+    elif kind == 'TERMPG' and os.getpgid(0) == os.getsid(0):
+        os.killpg(os.getpgid(0), signal.SIGTERM)
     return kind
 
 
@@ -343,10 +394,15 @@ def autocast(device: torch.device, amp: Optional[str]):
 
 def accuracy(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> List[int]:
     """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
+    return [int(h) for h in _hits(logits, target, topk)]
+
+
+def _hits(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> torch.Tensor:
+    """:func:`accuracy` as a tensor on the logits' device (no host synchronisation)."""
     maxk = min(max(topk), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices
     hits = pred.eq(target.view(-1, 1))
-    return [int(hits[:, :min(k, maxk)].any(dim=1).sum()) for k in topk]
+    return torch.stack([hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
 
 
 def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
@@ -354,6 +410,77 @@ def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, target.to(device, non_blocking=True)
+
+
+def _unpack(batch) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(images, target, skipped): loaders of :func:`rednet.data.build_loader` add the number of unreadable
+    images the batch left out (``data.bad_images=skip``); plain ``(images, target)`` batches have none."""
+    return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+
+
+def reduce_tensor_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes, in place (identity in a single process)."""
+    if _dist_on():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class _StepSums:
+    """Per-process sums of one epoch kept as tensors on the device, so micro-batches never wait for the host.
+
+    ``group_*`` collect the micro-batches of the optimizer step in progress; :meth:`commit` adds them to the
+    epoch totals when the step is taken, :meth:`discard` drops them when it is skipped (non-finite loss).
+    """
+
+    def __init__(self, device: torch.device):
+        z = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+        self.loss, self.group_loss, self.bad = z(torch.float64), z(torch.float64), z(torch.bool)
+        self.one, self.zero = torch.ones((), device=device), torch.zeros((), device=device)
+        self.images, self.group_images, self.skipped_images = 0, 0, torch.zeros((), dtype=torch.int64,
+                                                                                 device=device)
+
+    def add(self, loss: torch.Tensor, n: int, skipped: Optional[torch.Tensor]) -> None:
+        loss = loss.detach().double()
+        self.bad |= ~torch.isfinite(loss)
+        self.group_loss += loss * n
+        self.group_images += n
+        if skipped is not None:
+            self.skipped_images += skipped.to(self.skipped_images.device)
+
+    def flags(self, stop: bool) -> torch.Tensor:
+        """[any micro-batch of the step non-finite, SIGTERM seen]: the one small all-reduce of a step."""
+        return _reduce_max_flags(torch.stack([self.bad.float(), self.one if stop else self.zero]))
+
+    def commit(self) -> None:
+        self.loss += self.group_loss
+        self.images += self.group_images
+        self.discard()
+
+    def discard(self) -> None:
+        self.group_loss.zero_()
+        self.bad.zero_()
+        self.group_images = 0
+
+
+def _nonfinite_error(where: str, last_checkpoint: Optional[str]) -> NonFiniteLossError:
+    ckpt = last_checkpoint or 'none written yet'
+    return NonFiniteLossError(
+        f'{where}. Stopping instead of training on NaNs. Last good checkpoint: {ckpt} (resume with '
+        f'train.resume=auto, perhaps with a lower optimizer.lr or train.clip_grad=5.0; or set '
+        f'train.skip_nonfinite=true to skip such steps)')
+
+
+def _optimizer_step(model, optimizer, scaler, clip_grad, clip_mode) -> None:
+    from timm.utils import dispatch_clip_grad
+    if clip_grad:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def train_one_epoch(
@@ -387,19 +514,23 @@ def train_one_epoch(
 
     Every ``grad_accum`` micro-batches make one optimizer step followed by ``scheduler.step()``. Returns
     ``loss`` (mean per sample over all processes), ``images`` (all processes), ``img_per_sec``, ``time``,
-    ``lr`` (of the last step), ``global_step``, ``batches_done`` and ``interrupted`` (SIGTERM: the epoch was left
-    early at a step boundary). A non-finite loss raises :class:`NonFiniteLossError` naming the step and
+    ``lr`` (of the last step), ``global_step``, ``batches_done``, ``skipped_steps``, ``skipped_images``
+    (unreadable images left out, all processes) and ``interrupted`` (SIGTERM: the epoch was left early at a
+    step boundary). A non-finite loss raises :class:`NonFiniteLossError` naming the step and
     ``last_checkpoint``, or with ``skip_nonfinite`` skips the step with a warning.
+
+    Host synchronisation: none per micro-batch; one per optimizer step, where the non-finite and SIGTERM flags
+    of all processes travel together in one two-element all-reduce; losses stay on the device and are read
+    every ``log_every`` steps (TensorBoard, progress bar) and at the end of the epoch.
     """
-    from timm.utils import dispatch_clip_grad
     model.train()
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     total_batches = len(loader) + batches_done  # loader already skips the done samples
     if steps_per_epoch is None:
         steps_per_epoch = total_batches // grad_accum
     last_batch = steps_per_epoch * grad_accum  # leftover micro-batches that make no full step are dropped
-    loss_sum, count, skipped = 0.0, 0, 0
-    interrupted = False
+    sums = _StepSums(device)
+    skipped, interrupted = 0, False
     lr = optimizer.param_groups[0]['lr']
     bar = None
     if progress:
@@ -407,12 +538,12 @@ def train_one_epoch(
         bar = tqdm(total=last_batch, initial=batches_done, desc=f'epoch {epoch}', dynamic_ncols=True,
                    mininterval=1.0, leave=False)
     start = time.perf_counter()
-    bad_group = False
     batch_idx = batches_done
     optimizer.zero_grad(set_to_none=True)
-    for images, target in loader:
+    for batch in loader:
         if batch_idx >= last_batch:
             break
+        images, target, skipped_images = _unpack(batch)
         images, target = _to_device(images, target, device, channels_last)
         if mixup_fn is not None:
             images, target = mixup_fn(images, target)
@@ -424,70 +555,58 @@ def train_one_epoch(
                 loss = criterion(output, target)
             if _test_fault(global_step + 1, ('NAN',)) == 'NAN':
                 loss = loss * float('nan')
-            flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0,
-                                  1.0 if (stop is not None and stop.requested) else 0.0], device=device)
-            flags = _reduce_max_flags(flags)
-            if flags[0] > 0:
-                where = (f'non-finite loss ({loss.item()}) at epoch {epoch}, optimizer step {global_step + 1} '
-                         f'(micro-batch {batch_idx} of the epoch)')
-                if not skip_nonfinite:
-                    ckpt = last_checkpoint or 'none written yet'
-                    raise NonFiniteLossError(
-                        f'{where}. Stopping instead of training on NaNs. Last good checkpoint: {ckpt} (resume with '
-                        f'train.resume=auto, perhaps with a lower optimizer.lr or train.clip_grad=5.0; or set '
-                        f'train.skip_nonfinite=true to skip such steps)')
-                warnings.warn(f'{where}: skipping this optimizer step (train.skip_nonfinite=true)')
-                bad_group = True
-            else:
-                scaled = loss / grad_accum
-                if scaler is not None:
-                    scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-                n = images.shape[0]
-                loss_sum += loss.item() * n
-                count += n
+            scaled = loss / grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        sums.add(loss, images.shape[0], skipped_images)
         batch_idx += 1
-        if is_step:
-            if bad_group:
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                if clip_grad:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(unwrap_model(model), step=global_step + 1)
-            bad_group = False
-            lr = optimizer.param_groups[0]['lr']
-            scheduler.step()
-            global_step += 1
-            _test_fault(global_step)
-            if writer is not None and global_step % max(log_every, 1) == 0:
-                writer.add_scalar('train/loss_step', loss.item(), global_step)
-                writer.add_scalar('train/lr_step', lr, global_step)
-            if flags[1] > 0:  # SIGTERM seen by any process before this step: all stop here
-                interrupted = True
-                break
         if bar is not None:
-            elapsed = time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix(loss=f'{loss_sum / max(count, 1):.4f}', lr=f'{lr:.3g}',
-                            img_s=f'{count / max(elapsed, 1e-9):.1f}', refresh=False)
+        if not is_step:
+            continue
+        log_now = (global_step + 1) % max(log_every, 1) == 0
+        flags = sums.flags(stop is not None and stop.requested)
+        if log_now:  # read the losses in the same host synchronisation as the flags
+            bad, stop_seen, step_loss, epoch_loss = torch.cat(
+                [flags.double(), (sums.group_loss / max(sums.group_images, 1)).view(1),
+                 (sums.loss / max(sums.images, 1)).view(1)]).tolist()
+        else:
+            bad, stop_seen = flags.tolist()
+        if bad > 0:
+            where = (f'non-finite loss at epoch {epoch}, optimizer step {global_step + 1} (micro-batches '
+                     f'{batch_idx - grad_accum}-{batch_idx - 1} of the epoch)')
+            if not skip_nonfinite:
+                raise _nonfinite_error(where, last_checkpoint)
+            warnings.warn(f'{where}: skipping this optimizer step (train.skip_nonfinite=true)')
+            skipped += 1
+            sums.discard()
+        else:
+            _optimizer_step(model, optimizer, scaler, clip_grad, clip_mode)
+            if ema is not None:
+                ema.update(unwrap_model(model), step=global_step + 1)
+            sums.commit()
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]['lr']
+        scheduler.step()
+        global_step += 1
+        _test_fault(global_step)
+        if log_now and writer is not None:
+            writer.add_scalar('train/loss_step', step_loss, global_step)
+            writer.add_scalar('train/lr_step', lr, global_step)
+        if log_now and bar is not None:
+            bar.set_postfix(loss=f'{epoch_loss:.4f}', lr=f'{lr:.3g}',
+                            img_s=f'{sums.images / max(time.perf_counter() - start, 1e-9):.1f}', refresh=False)
+        if stop_seen > 0:  # SIGTERM seen by any process before this step: all stop here
+            interrupted = True
+            break
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start
-    loss_sum, count = reduce_sum([loss_sum, count], device)
+    totals = torch.stack([sums.loss, torch.tensor(float(sums.images), dtype=torch.float64, device=device),
+                          sums.skipped_images.double()])
+    loss_sum, count, skipped_images = reduce_tensor_sum(totals).tolist()
     return dict(loss=loss_sum / max(count, 1), images=int(count), time=elapsed,
                 img_per_sec=count / max(elapsed, 1e-9), lr=lr, global_step=global_step, batches_done=batch_idx,
-                interrupted=interrupted, skipped_steps=skipped)
+                interrupted=interrupted, skipped_steps=skipped, skipped_images=int(skipped_images))
 
 
 @torch.no_grad()
@@ -495,28 +614,33 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: Opti
              channels_last: bool = False, progress: bool = False) -> Dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy (percent), images and img/s over ``loader``.
 
-    Sums are reduced across processes when a process group is running, so with an
-    :class:`rednet.data.EvalSampler` every image counts exactly once.
+    Sums stay on the device (no host synchronisation per batch) and are reduced across processes in one
+    all-reduce at the end, so with an :class:`rednet.data.EvalSampler` every image counts exactly once.
+    ``skipped_images``: unreadable images the loader left out (``data.bad_images=skip``).
     """
     model.eval()
-    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, skipped images
     it = loader
     if progress:
         from tqdm import tqdm
         it = tqdm(loader, desc='eval', dynamic_ncols=True, mininterval=1.0, leave=False)
     start = time.perf_counter()
-    for images, target in it:
+    for batch in it:
+        images, target, skipped = _unpack(batch)
         images, target = _to_device(images, target, device, channels_last)
         with autocast(device, amp):
             output = model(images)
         output = output.float()
-        loss_sum += F.cross_entropy(output, target, reduction='sum').item()
-        c1, c5 = accuracy(output, target, (1, 5))
-        top1, top5, count = top1 + c1, top5 + c5, count + images.shape[0]
+        sums[0] += F.cross_entropy(output, target, reduction='sum')
+        sums[1:3] += _hits(output, target, (1, 5))
+        sums[3] += images.shape[0]
+        if skipped is not None:
+            sums[4] += skipped.to(device)
     elapsed = time.perf_counter() - start
-    loss_sum, top1, top5, count, elapsed = reduce_sum([loss_sum, top1, top5, count, elapsed], device)
     world = dist.get_world_size() if _dist_on() else 1
+    sums = torch.cat([sums, torch.tensor([elapsed], dtype=torch.float64, device=device)])
+    loss_sum, top1, top5, count, skipped, elapsed = reduce_tensor_sum(sums).tolist()
     elapsed /= world  # mean time of the processes, which ran in parallel
     n = max(count, 1)
     return dict(loss=loss_sum / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=int(count),
-                img_per_sec=count / max(elapsed, 1e-9), time=elapsed)
+                img_per_sec=count / max(elapsed, 1e-9), time=elapsed, skipped_images=int(skipped))

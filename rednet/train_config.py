@@ -175,24 +175,40 @@ _SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'optimizer': OptimizerCon
              'train': TrainSection}
 
 
+def _groups() -> List[str]:
+    """The config groups of ``configs/`` (``model``, ``data``, ...): a ``group=choice`` override picks a file."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / 'configs'
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else list(_SECTIONS)
+
+
 def check_overrides(overrides: List[str]) -> Optional[str]:
     """A message naming the valid keys when an override sets a key the schema does not have, else None.
 
-    Group choices (``model=rednet51``) are left to Hydra, whose message already lists the available options.
+    Overrides are parsed with Hydra's own override parser (sweeps, ``+``/``++``/``~``, quoting). Group
+    overrides are left to Hydra, whose message already lists the available options: our groups
+    (``model=rednet26``) and any path with a ``/``, such as Hydra's own ``hydra/launcher=submitit_slurm``.
+    Command-line flags (``-m``, ``--cfg job``) are skipped.
     """
     from dataclasses import fields
-    for item in overrides:
-        if item.startswith('-') or '=' not in item:
-            continue
-        key = item.split('=', 1)[0].lstrip('+~')
-        if key.startswith('hydra.') or key.startswith('model.kwargs.'):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+    items = [o for o in overrides if '=' in o and not o.startswith('-')]
+    try:
+        parsed = OverridesParser.create().parse_overrides(items)
+    except OverrideParseException as e:
+        return f'cannot parse the override: {e}'
+    groups = _groups()
+    for override, item in zip(parsed, items):
+        key = override.key_or_group
+        if '/' in key or key.split('.')[0] == 'hydra' or key in groups or key.startswith('model.kwargs.'):
             continue
         parts = key.split('.')
         if len(parts) == 1:
             if key in _SECTIONS:
-                continue  # a group choice or a whole section
-            return (f'unknown config key {key!r}; top-level sections are: {", ".join(_SECTIONS)} '
-                    f'(set a value with e.g. train.epochs=10)')
+                continue  # a whole section
+            return (f'unknown config key {key!r}; top-level sections are: {", ".join(_SECTIONS)}; config groups: '
+                    f'{", ".join(groups)} (set a value with e.g. train.epochs=10)')
         section, name = parts[0], parts[1]
         if section not in _SECTIONS:
             return f'unknown config section {section!r} in {item!r}; valid sections: {", ".join(_SECTIONS)}'

@@ -85,21 +85,37 @@ def test_departures_run(tmp_path):
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
-    """The reference run: 2 epochs, no interruption, with a data-loader worker and random augmentation."""
+    """The reference run: 2 epochs, no interruption, with 2 data-loader workers and random augmentation."""
     run_dir = tmp_path_factory.mktemp('ref') / 'run'
-    r = run_train(TINY + ['data.workers=1', f'hydra.run.dir={run_dir}'])
+    r = run_train(TINY + ['data.workers=2', f'hydra.run.dir={run_dir}'])
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted):
+def _run_own_session(args, fault):
+    """train.py in a session (and process group) of its own, so a signal to its group reaches only it and its
+    loader workers."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', '_REDNET_FAULT': fault}
+    return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+
+
+def test_group_sigterm_then_sigkill_with_workers_resumes_bit_identical(tmp_path, uninterrupted):
+    """data.workers=2: SIGTERM to the whole process group mid-epoch (as SLURM --signal and Kubernetes send it)
+    saves a mid-epoch checkpoint and exits 0; the resumed run is killed with SIGKILL in epoch 1; the second
+    resume ends with the weights, optimizer state and validation loss of the uninterrupted run, bit for bit."""
     run_dir = tmp_path / 'run'
-    args = TINY + ['data.workers=1', f'hydra.run.dir={run_dir}']
-    # killed with SIGKILL in epoch 1 (after 6 of 8 steps; epoch 0's checkpoint was written)
-    r = run_train(args, env={'_REDNET_FAULT': 'KILL@6'})
+    args = TINY + ['data.workers=2', f'hydra.run.dir={run_dir}']
+    r = _run_own_session(args, 'TERMPG@2')  # the group gets SIGTERM after step 2; all stop after step 3
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'SIGTERM' in r.stdout and 'exited unexpectedly' not in r.stderr
+    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 0 and not ckpt['epoch_complete'] and ckpt['step'] == 3 and ckpt['batches_done'] == 3
+    assert not (run_dir / 'metrics.jsonl').read_text().strip()  # no epoch finished
+    r = run_train(args + ['train.resume=auto'], env={'_REDNET_FAULT': 'KILL@6'})
     assert r.returncode == -signal.SIGKILL
     killed = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
-    assert killed['epoch'] == 0 and killed['step'] == 4
+    assert killed['epoch'] == 0 and killed['epoch_complete'] and killed['step'] == 4
     r = run_train(args + ['train.resume=auto'])
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'resumed from' in r.stdout
@@ -110,23 +126,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted):
     for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
         assert torch.equal(sa['momentum_buffer'], sb['momentum_buffer'])
     assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1]
-    assert _metrics(run_dir)[1]['val_loss'] == _metrics(uninterrupted)[1]['val_loss']
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    run_dir = tmp_path / 'run'
-    args = TINY + [f'hydra.run.dir={run_dir}']
-    r = run_train(args, env={'_REDNET_FAULT': 'TERM@2'})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert 'SIGTERM' in r.stdout
-    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
-    assert ckpt['epoch'] == 0 and not ckpt['epoch_complete'] and ckpt['step'] == 3 and ckpt['batches_done'] == 3
-    assert not (run_dir / 'metrics.jsonl').read_text().strip()  # no epoch finished
-    r = run_train(args + ['train.resume=auto'])
-    assert r.returncode == 0, r.stderr[-3000:]
-    done = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
-    assert done['epoch'] == 1 and done['epoch_complete'] and done['step'] == 8
-    assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1]
+    assert [m['val_loss'] for m in _metrics(run_dir)] == [m['val_loss'] for m in _metrics(uninterrupted)]
 
 
 def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
@@ -198,22 +198,6 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path):
     assert torch.equal(obj['x'], torch.full((4_000_000,), float(obj['i'])))
 
 
-def test_ddp_two_processes_gloo(tmp_path):
-    run_dir = tmp_path / 'run'
-    r = run_train(TINY + ['train.epochs=1', 'data.val_size=23', 'train.batch_size=8', 'train.grad_accum=2',
-                          f'hydra.run.dir={run_dir}'], torchrun=2)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    assert r.stdout.count('epoch 0: train_loss') == 1  # only rank 0 logs
-    row = _metrics(run_dir)[0]
-    assert row['val_images'] == 23  # every validation image counted once across the 2 processes
-    assert row['step'] == 2  # 64 images / (8 per process x 2 accumulated x 2 processes)
-    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
-    assert ckpt['world_size'] == 2 and len(ckpt['rng']) == 2
-    assert not any(k.startswith('module.') for k in ckpt['model'])
-    assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
-    assert 'lr 0.0125 for global batch 32' in r.stdout  # 0.1 x 32 / 256
-
-
 def test_train_on_an_image_folder_with_a_bad_image(tmp_path):
     """The ImageNet-style pipeline (timm transforms, class folders, every colour mode) end to end."""
     from test_data import _make_folder
@@ -226,3 +210,25 @@ def test_train_on_an_image_folder_with_a_bad_image(tmp_path):
         train.train(compose(args + ['data.bad_images=skip']), run_dir=str(tmp_path / 'run2'))
     row = _metrics(tmp_path / 'run2')[0]
     assert row['val_images'] == 12 and row['step'] == 1  # one batch of all 13 training files (1 unreadable)
+    assert row['skipped_images'] == 1 and row['val_skipped_images'] == 0
+
+
+def test_eval_counts_each_image_once_and_reports_skipped_ones(tmp_path):
+    """eval.py with data.bad_images=skip on a split of 12 readable images and 1 unreadable one: 12 images
+    evaluated (none counted twice in place of the unreadable one) and skipped_images 1 in eval.json."""
+    from test_data import _make_folder
+    root = _make_folder(tmp_path / 'ds', corrupt=True)
+    args = ['model=rednet26', 'model.involution_backend=native', 'data=imagefolder', f'data.root={root}',
+            'data.img_size=16', 'data.workers=0', 'train.batch_size=12', 'train.epochs=1', 'train.progress=false',
+            'data.bad_images=skip', 'optimizer.lr=0']
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        train.train(compose(args), run_dir=str(tmp_path / 'run'))
+    out = tmp_path / 'eval'
+    r = subprocess.run([sys.executable, 'eval.py', f'checkpoint={tmp_path}/run/checkpoints/last.pt',
+                        'data=imagefolder', f'data.root={root}', 'data.val_split=train', 'data.bad_images=skip',
+                        'data.workers=2', 'batch_size=5', 'involution_backend=native', 'progress=false',
+                        f'hydra.run.dir={out}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / 'eval.json').read_text())
+    assert result['images'] == 12 and result['skipped_images'] == 1
+    assert '1 unreadable skipped' in r.stdout
