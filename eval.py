@@ -1,4 +1,4 @@
-"""Evaluate a RedNet checkpoint of any kind on a data set: top-1, top-5, loss, images, img/s.
+"""Evaluate a RedNet checkpoint of any kind (or a timm baseline that ``train.py`` trained) on a data set: top-1, top-5, loss, images, img/s.
 
     python eval.py checkpoint=rednet50.pth data=imagenet data.root=/data/imagenet
     python eval.py checkpoint=RedNet26_pretrained.pdparams data.root=/data/imagenet amp=bf16 channels_last=true
@@ -24,7 +24,7 @@ import rednet
 from rednet import data as rdata
 from rednet import engine
 from rednet.engine import log
-from rednet.checkpoint import CheckpointError
+from rednet.checkpoint import CheckpointError, is_rednet, model_from_checkpoint, read_checkpoint
 from rednet.train_config import DataConfig, check_overrides
 
 
@@ -122,7 +122,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
         raise EvalError(f'amp={cfg.amp!r} is not valid; choose null, bf16 or fp16')
     info = engine.setup_distributed(cfg.device)
     run_dir = Path(engine.broadcast_object(HydraConfig.get().runtime.output_dir))
-    model = rednet.load_model(cfg.checkpoint, involution_backend=cfg.involution_backend)
+    ckpt = read_checkpoint(cfg.checkpoint)  # a RedNet of any format, or a timm baseline train.py trained
+    backend = dict(involution_backend=cfg.involution_backend) if is_rednet(ckpt.arch) else {}
+    model = model_from_checkpoint(ckpt, str(cfg.checkpoint), **backend)
     data_cfg = eval_data_config(cfg, model)
     dataset = match_classes(cfg, rdata.build_dataset(data_cfg, train=False), model.num_classes)
     loader = rdata.build_loader(dataset, cfg.batch_size, False, data_cfg.workers, 0, info.rank, info.world_size,

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import rednet  # noqa: F401  (registers the RedNet models with timm)
 from rednet import data as rdata
 from rednet import engine
+from rednet.checkpoint import is_rednet
 from rednet.engine import log
 from rednet.train_config import (INVOLUTION_KEYS, check_involution_config, check_involution_overrides,
                                  check_overrides, register_schema)
@@ -38,10 +39,6 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. config checks
-
-def is_rednet(name: str) -> bool:
-    return name.startswith('rednet')
-
 
 def validate_config(cfg: DictConfig) -> None:
     """Values the schema's types cannot check: names, choices and ranges. Fails before any work."""
@@ -122,6 +119,7 @@ def build_data(cfg: DictConfig, info: engine.DistInfo):
 def build_model(cfg: DictConfig, num_classes: int, info: engine.DistInfo):
     """The bare model, its DDP/compile wrapper, and the (arch, model_args) that ``rednet.load_model`` needs."""
     import timm
+    from rednet.model import timm_small_input_stem
     small = cfg.model.small_input
     if small is None:
         small = cfg.data.img_size <= 64
@@ -134,12 +132,11 @@ def build_model(cfg: DictConfig, num_classes: int, info: engine.DistInfo):
     else:
         model = timm.create_model(cfg.model.name, **model_args)
         if small:  # CIFAR stem for timm ResNets: 3x3 stride-1 conv, no max-pool
-            if not (hasattr(model, 'conv1') and hasattr(model, 'maxpool')):
-                raise ConfigError(f'model.small_input is only implemented for RedNet and timm ResNets, '
-                                  f'not {cfg.model.name}; set model.small_input=false')
-            model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-            model.maxpool = nn.Identity()
-        model_args['small_input'] = bool(small)  # informative; timm's own models do not take it
+            try:
+                timm_small_input_stem(model)
+            except ValueError as e:
+                raise ConfigError(f'model.small_input: {e}; set model.small_input=false') from None
+        model_args['small_input'] = bool(small)  # rednet.load_model rebuilds the stem from it
     if cfg.model.pretrained:
         from rednet.checkpoint import load_weights
         load_weights(model, cfg.model.pretrained)

@@ -22,6 +22,10 @@ import torch.nn as nn
 from .engine import atomic_write
 from .model import DEPTHS
 
+
+def is_rednet(arch: str) -> bool:
+    return arch.startswith('rednet')
+
 __all__ = ['Checkpoint', 'load_model', 'model_from_checkpoint', 'load_weights', 'read_checkpoint',
            'convert_state_dict', 'fit_state_dict', 'infer_model_args',
            'load_state_dict_strict', 'save_released', 'convert_checkpoint', 'CheckpointError']
@@ -153,6 +157,8 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
             state_dict = obj['state_dict']
         else:
             state_dict = obj
+    if arch is not None and not is_rednet(arch):  # a timm baseline trained by train.py: keys as saved
+        return Checkpoint(state_dict, arch, model_args, pretrained_cfg)
     state_dict = to_rednet_keys(state_dict, source=str(path))
     inferred = infer_model_args(state_dict, source=str(path))
     if arch is None:
@@ -368,9 +374,35 @@ def load_model(path: PathLike, **overrides: Any) -> nn.Module:
 def model_from_checkpoint(ckpt: Checkpoint, source: str = 'checkpoint', **overrides: Any) -> nn.Module:
     """:func:`load_model` for a checkpoint already read with :func:`read_checkpoint`."""
     import timm
+    if not is_rednet(ckpt.arch):
+        return _baseline_from_checkpoint(ckpt, source, **overrides)
     model = timm.create_model(ckpt.arch, **{**ckpt.model_args, **overrides})
     small_input = None if 'small_input' in overrides else ckpt.model_args.get('small_input')
     if _load_fitted(model, ckpt.state_dict, source, small_input):  # the data pipeline of the file's classifier
+        model.pretrained_cfg = {**model.pretrained_cfg, **ckpt.pretrained_cfg}
+    return model
+
+
+def _baseline_from_checkpoint(ckpt: Checkpoint, source: str, **overrides: Any) -> nn.Module:
+    """A timm baseline (``model=resnet26`` ...) that ``train.py`` trained: the timm model, the small-input stem
+    when it was trained with one, the weights loaded strictly (a new head when ``num_classes`` differs)."""
+    import timm
+    from .model import timm_small_input_stem
+    rednet_only = sorted(set(overrides) & {'involution_backend', 'fuse_span', 'stem_kernel_size'})
+    if rednet_only:
+        raise CheckpointError(f'{source} holds a {ckpt.arch}, which has no {", ".join(rednet_only)}')
+    args = {**ckpt.model_args, **overrides}
+    small_input = args.pop('small_input', False)
+    model = timm.create_model(ckpt.arch, **args)
+    if small_input:
+        timm_small_input_stem(model)
+    head = model.pretrained_cfg.get('classifier', 'fc')
+    state_dict = ckpt.state_dict
+    new_head = model.num_classes != ckpt.model_args.get('num_classes', model.num_classes)
+    if new_head:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head + '.')}
+    load_state_dict_strict(model, state_dict, source, allow_missing_head=new_head)
+    if not new_head:
         model.pretrained_cfg = {**model.pretrained_cfg, **ckpt.pretrained_cfg}
     return model
 

@@ -16,18 +16,21 @@ the official code's. Differences, each documented where it lives:
   The stem's involution keeps its official group channels (16) and reduction (4).
 """
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvNormAct, create_classifier
+from timm.layers import ConvNormAct, DropPath, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .ops import involution, involution_fused, resolve_backend
 
-__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'STAGE_WIDTHS', 'FUSE_MIN_BYTES', 'check_involution_args']
+__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'STAGE_WIDTHS', 'FUSE_MIN_BYTES', 'check_involution_args',
+           'timm_small_input_stem']
 
 # blocks per stage, by depth
 DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
@@ -181,6 +184,7 @@ class Bottleneck(nn.Module):
             stride: int = 1,
             kernel_size: int = 7,
             involution_backend: str = 'auto',
+            drop_path: float = 0.0,
             **involution_args: Any,
     ):
         super().__init__()
@@ -199,6 +203,7 @@ class Bottleneck(nn.Module):
                 nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_chs),
             )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # stochastic depth
         self.act3 = nn.ReLU(inplace=True)
 
     def zero_init_last(self) -> None:
@@ -210,7 +215,7 @@ class Bottleneck(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.inv(x)))
         x = self.bn3(self.conv3(x))
-        return self.act3(x + shortcut)
+        return self.act3(self.drop_path(x) + shortcut)
 
 
 class Stem(nn.Module):
@@ -253,6 +258,8 @@ class RedNet(nn.Module):
             involution_backend: str = 'auto',
             fuse_span: Optional[bool] = None,
             zero_init_last: bool = True,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
     ):
         """
         Args:
@@ -272,6 +279,9 @@ class RedNet(nn.Module):
                 kernel map would outgrow the cache, ``True`` everywhere (least memory), ``False`` nowhere
                 (see :class:`Involution`).
             zero_init_last: zero-initialise the last BN of every residual branch.
+            drop_rate: dropout before the classifier (training only).
+            drop_path_rate: stochastic depth of the residual branches, rising linearly from 0 at the first block
+                to ``drop_path_rate`` at the last (timm's ResNet rule).
         """
         super().__init__()
         check_involution_args(kernel_size, group_channels, reduction_ratio, dilation)
@@ -281,6 +291,7 @@ class RedNet(nn.Module):
         inv_args = dict(group_channels=group_channels, reduction_ratio=reduction_ratio, dilation=dilation)
         self.num_classes = num_classes
         self.small_input = small_input
+        self.drop_rate = drop_rate
         self.grad_checkpointing = False
         stem_stride = 1 if small_input else 2
         self.stem = Stem(in_chans, 64, stem_kernel_size, stem_stride, involution_backend)
@@ -288,14 +299,17 @@ class RedNet(nn.Module):
         self.feature_info = [dict(num_chs=64, reduction=stem_stride, module='stem')]
 
         in_chs, reduction = 64, stem_stride * (1 if small_input else 2)
+        block_idx, num_blocks_total = 0, sum(layers)
         for i, (num_blocks, mid_chs) in enumerate(zip(layers, STAGE_WIDTHS)):
             stride = 1 if i == 0 else 2
             reduction *= stride
             blocks = []
             for j in range(num_blocks):
+                drop_path = drop_path_rate * block_idx / max(num_blocks_total - 1, 1)
                 blocks.append(Bottleneck(in_chs, mid_chs, stride if j == 0 else 1, kernel_size, involution_backend,
-                                         **inv_args))
+                                         drop_path, **inv_args))
                 in_chs = mid_chs * Bottleneck.expansion
+                block_idx += 1
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'layer{i + 1}'))
 
@@ -362,12 +376,79 @@ class RedNet(nn.Module):
             x = stage(x)
         return x
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's intermediate-feature API: the stem output (index 0) and the four stages (1-4), as in
+        ``feature_info``. ``indices``: the last n if an int, all if None, else those listed; ``norm`` is accepted
+        for the API (RedNet has no final norm); ``stop_early`` skips the stages after the last one taken."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(5, indices)
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        if stop_early:
+            stages = stages[:max_index]
+        for idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and the head) that the intermediates at ``indices`` do not need; returns the
+        indices kept."""
+        take_indices, max_index = feature_take_indices(5, indices)
+        for i in range(max_index + 1, 5):
+            setattr(self, f'layer{i}', nn.Sequential())  # empty: passes its input through, as timm does
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if max_index < 4:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < 4:
+            self.reset_classifier(0, '')
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def timm_small_input_stem(model: nn.Module) -> nn.Module:
+    """Give a timm ResNet (``resnet26``, ``resnet50`` ...) the stem RedNet's ``small_input=True`` uses for 32x32
+    images: a 3x3 stride-1 first conv and no max-pool. ``train.py`` and :func:`rednet.load_model` both use it, so
+    a baseline checkpoint rebuilds itself."""
+    if not (isinstance(getattr(model, 'conv1', None), nn.Conv2d) and hasattr(model, 'maxpool')):
+        raise ValueError(f'small_input is only implemented for RedNet and timm ResNets (a Conv2d conv1 and a '
+                         f'maxpool), not {type(model).__name__}')
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RedNet) -> Dict[str, torch.Tensor]:
