@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-__all__ = ['INVOLUTION_KEYS', 'check_involution_config', 'check_involution_overrides', 'ModelConfig', 'DataConfig', 'OptimizerConfig', 'ScheduleConfig', 'TrainSection', 'Config',
-           'register_schema', 'check_overrides']
+__all__ = ['ModelConfig', 'DataConfig', 'OptimizerConfig', 'ScheduleConfig', 'TrainSection', 'Config',
+           'register_schema', 'check_overrides', 'INVOLUTION_KEYS', 'check_involution_config',
+           'check_involution_overrides']
 
 
 @dataclass
@@ -37,7 +38,7 @@ def check_involution_config(model: Any) -> Optional[str]:
     """A message naming the key and its valid values when ``model.kernel_size`` ... cannot build the RedNet, or
     when they are changed for a model that has no involutions (a timm baseline); else None."""
     if str(model.name).startswith('rednet'):
-        from rednet.model import check_involution_args
+        from .model import check_involution_args
         try:
             check_involution_args(**{k: model[k] for k in INVOLUTION_KEYS}, prefix='model.')
         except ValueError as e:
@@ -58,7 +59,7 @@ def check_involution_overrides(overrides: List[str]) -> Optional[str]:
         return None
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from rednet.model import check_involution_args
+    from .model import check_involution_args
     try:
         parsed = OverridesParser.create().parse_overrides(wanted)
         jobs = [(o.key_or_group, list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()])

@@ -159,6 +159,7 @@ def plot_curves(runs: List[Dict[str, Any]], keys: List[str], path: Path) -> None
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, (top1, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         m = run['metrics']
@@ -166,6 +167,7 @@ def plot_curves(runs: List[Dict[str, Any]], keys: List[str], path: Path) -> None
         top1.plot([e['epoch'] + 1 for e in val], [e['val_top1'] for e in val], marker='o', label=label(run, keys))
         loss.plot([e['epoch'] + 1 for e in m], [e['train_loss'] for e in m], marker='o', label=label(run, keys))
     for ax, title in ((top1, 'val top-1 (%)'), (loss, 'train loss')):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel('epoch')
         ax.set_title(title)
         ax.grid(alpha=0.3)

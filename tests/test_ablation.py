@@ -211,3 +211,31 @@ def test_sweep_then_compare_runs(tmp_path):
                         '--out', str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert [row['model.kernel_size'] for row in csv.DictReader(open(out / 'summary.csv'))] == ['5', '3']
+
+
+def test_compare_runs_without_hydra_records(tmp_path):
+    """Run directories written by train.train(cfg, run_dir) (no .hydra/): the stored configs are compared, and
+    the parameters are counted from the checkpoint's weights without the BatchNorm statistics."""
+    bn = nn.BatchNorm2d(4)
+    for name, lr, conv in (('a', 0.1, nn.Conv2d(3, 4, 3)), ('b', 0.2, nn.Conv2d(3, 4, 5))):
+        run = tmp_path / name
+        (run / 'checkpoints').mkdir(parents=True)
+        state = {**conv.state_dict(), **{f'bn.{k}': v for k, v in bn.state_dict().items()}}
+        config = {'optimizer': {'lr': lr, 'momentum': 0.9}, 'train': {'epochs': 2}}
+        torch.save({'model': state, 'config': config}, run / 'checkpoints' / 'last.pt')
+        metrics = [dict(epoch=e, train_loss=1.0 / (e + 1), val_top1=50.0 + 10 * e + lr, val_top5=90.0, lr=lr,
+                        img_per_sec=100.0, epoch_time=2.0, val_img_per_sec=50.0, val_images=100) for e in range(2)]
+        (run / 'metrics.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in metrics))
+    out = tmp_path / 'out'
+    r = subprocess.run([sys.executable, 'scripts/compare_runs.py', str(tmp_path / 'a'), str(tmp_path / 'b'),
+                        '--out', str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out / 'summary.csv')))
+    assert [row['optimizer.lr'] for row in rows] == ['0.1', '0.2'] and 'train.epochs' not in rows[0]
+    # conv weight + bias and BN weight + bias: 4*3*3*3 + 4 + 8 and 4*3*5*5 + 4 + 8
+    assert [int(row['params']) for row in rows] == [120, 312]
+    assert float(rows[1]['best_top1']) == pytest.approx(60.2)
+    assert float(rows[0]['wall_time_s']) == pytest.approx(2 * (2.0 + 100 / 50.0))
+    r = subprocess.run([sys.executable, 'scripts/compare_runs.py', str(tmp_path / 'out'), '--out', str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and 'no run directory' in r.stderr
