@@ -115,7 +115,7 @@ def log_to_file(path: Optional[str]):
         root.addHandler(handler)
     try:
         yield
-    except BaseException as e:
+    except (Exception, KeyboardInterrupt) as e:
         if path is not None:
             file.handle(logging.makeLogRecord(dict(name='rednet', levelno=logging.ERROR, levelname='ERROR',
                                                    msg=f'error: {type(e).__name__}: {e}')))
