@@ -9,6 +9,8 @@ The model is built from the file alone (``rednet.load_model``) and evaluated wit
 Prints a one-line summary and writes ``eval.json`` in the run directory (``hydra.run.dir``).
 """
 import json
+import logging
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -153,8 +155,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
 
 @hydra.main(config_path='configs', config_name='eval', version_base=None)
 def main(cfg: DictConfig) -> None:
-    engine.run_cli(evaluate_checkpoint, cfg, {EvalError: 2, CheckpointError: 2, FileNotFoundError: 2,
-                                              rdata.DataError: 2})
+    logging.captureWarnings(True)  # warnings go to the log (console and eval.log) like everything else
+    is_main = int(os.environ.get('RANK', '0')) == 0
+    with engine.log_to_file(str(Path(HydraConfig.get().runtime.output_dir) / 'eval.log') if is_main else None):
+        engine.run_cli(evaluate_checkpoint, cfg, {EvalError: 2, CheckpointError: 2, FileNotFoundError: 2,
+                                                  rdata.DataError: 2})
 
 
 if __name__ == '__main__':

@@ -12,6 +12,8 @@ schedule, loss, resume, then the epoch loop (train, evaluate, log, checkpoint). 
 ``rednet/train_config.py``.
 """
 import json
+import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -389,9 +391,21 @@ def log_epoch(writer, metrics_path: Optional[Path], m: Dict[str, Any]) -> None:
 # 8. the run
 
 def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
-    """The whole run; ``run_dir`` defaults to Hydra's run directory (``hydra.run.dir``)."""
+    """The whole run; ``run_dir`` defaults to Hydra's run directory (``hydra.run.dir``). Everything logged also
+    goes to ``train.log`` there; the resolved config is written to ``config.yaml``."""
     validate_config(cfg)
     info, run_dir = setup(cfg, run_dir)
+    with engine.log_to_file(str(run_dir / 'train.log') if info.is_main else None):
+        if info.is_main:
+            engine.atomic_write(str(run_dir / 'config.yaml'),
+                                lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True)))
+            log(f'config: {run_dir / "config.yaml"}; log: {run_dir / "train.log"}; '
+                f'TensorBoard: tensorboard --logdir {run_dir / "tb"}')
+        return fit(cfg, info, run_dir)
+
+
+def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]:
+    """Data, model, optimizer, resume, then the epoch loop (train, evaluate, log, checkpoint)."""
     ckpt_dir = run_dir / 'checkpoints'
     train_loader, val_loader, num_classes = build_data(cfg, info)
     model, wrapped, arch, model_args = build_model(cfg, num_classes, info)
@@ -423,6 +437,8 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
             for name in engine.remove_stale_temp_files(str(folder)):
                 log(f'removed {folder / name}, left by a save that was killed')
     writer, metrics_path = open_logs(run_dir, start_epoch, step, info)
+    steplog = engine.StepLog(cfg.train.log_every, cfg.train.epochs, writer,
+                             bar=cfg.train.progress and info.is_main and sys.stderr.isatty())
     stop = engine.StopFlag().install()
     last_path = ckpt_dir / 'last.pt'
     last_good = str(resume_path) if resume_path is not None else None
@@ -442,8 +458,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 global_step=step, batches_done=batches_done, steps_per_epoch=steps_per_epoch, amp=cfg.train.amp,
                 scaler=scaler, grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad,
                 clip_mode=cfg.train.clip_mode, mixup_fn=mixup_fn, ema=ema, channels_last=cfg.train.channels_last,
-                skip_nonfinite=cfg.train.skip_nonfinite, stop=stop, last_checkpoint=last_good, writer=writer,
-                log_every=cfg.train.log_every, progress=cfg.train.progress and info.is_main)
+                skip_nonfinite=cfg.train.skip_nonfinite, stop=stop, last_checkpoint=last_good, steplog=steplog)
             step = stats['global_step']
             engine.broadcast_buffers(model)  # validate and save the same BatchNorm statistics on every rank
             if ema is not None:
@@ -495,6 +510,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
 
 @hydra.main(config_path='configs', config_name='train', version_base=None)
 def main(cfg: DictConfig) -> None:
+    logging.captureWarnings(True)  # warnings go to the log (console and train.log) like everything else
     engine.run_cli(train, cfg, {ConfigError: 2, rdata.DataError: 2, engine.NonFiniteLossError: 3})
 
 

@@ -391,7 +391,8 @@ def _baseline_from_checkpoint(ckpt: Checkpoint, source: str, **overrides: Any) -
     when it was trained with one, the weights loaded strictly (a new head when ``num_classes`` differs)."""
     import timm
     from .model import timm_small_input_stem
-    rednet_only = sorted(set(overrides) & {'involution_backend', 'fuse_span', 'stem_kernel_size'})
+    rednet_only = sorted(set(overrides) & {'involution_backend', 'fuse_span', 'stem_kernel_size', 'dilation',
+                                           *BLOCK_INVOLUTION_ARGS})
     if rednet_only:
         raise CheckpointError(f'{source} holds a {ckpt.arch}, which has no {", ".join(rednet_only)}')
     args = {**ckpt.model_args, **overrides}

@@ -153,10 +153,10 @@ class TrainSection:
     sync_bn: bool = False
     skip_nonfinite: bool = False              # skip steps whose loss is NaN/inf instead of stopping
     eval_every: int = 1                       # validate every N epochs (and always after the last)
-    log_every: int = 20                       # TensorBoard step-scalar interval (optimizer steps)
+    log_every: int = 20                       # optimizer steps between log lines (train.log) and step scalars
     dist_backend: Optional[str] = None        # null: nccl on CUDA, gloo on CPU
     save_best: bool = True
-    progress: bool = True                     # tqdm progress bar (rank 0)
+    progress: bool = True                     # tqdm progress bar (rank 0, only on a terminal)
 
 
 @dataclass

@@ -45,3 +45,4 @@ def test_eval_reproduces_the_logged_accuracy_of_a_timm_baseline(resnet_run, tmp_
     assert out['images'] == logged['val_images'] == 24
     assert out['top1'] == pytest.approx(logged['val_top1'])
     assert out['loss'] == pytest.approx(logged['val_loss'], rel=1e-4)
+    assert f"top-1 {out['top1']:.2f}%" in (tmp_path / 'eval' / 'eval.log').read_text()  # the log file has the result
