@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
+import timm.utils
 import torch
 import torch.nn as nn
 from hydra.core.hydra_config import HydraConfig
@@ -93,7 +94,7 @@ def setup(cfg: DictConfig, run_dir: Optional[str] = None) -> Tuple[engine.DistIn
     # all processes use rank 0's run directory (hydra.run.dir may contain ${now:...})
     run_dir = Path(engine.broadcast_object(run_dir or HydraConfig.get().runtime.output_dir))
     engine.set_deterministic(cfg.train.deterministic)
-    engine.seed_everything(cfg.train.seed + info.rank)
+    timm.utils.random_seed(cfg.train.seed, info.rank)
     return info, run_dir
 
 
@@ -201,15 +202,13 @@ def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_
 def build_loss(cfg: DictConfig, num_classes: int):
     """Training criterion and the optional timm Mixup/CutMix (which then makes soft targets)."""
     from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.loss import SoftTargetCrossEntropy
     t = cfg.train
     if t.mixup > 0 or t.cutmix > 0:
         mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
                       switch_prob=t.mixup_switch_prob, label_smoothing=t.label_smoothing, num_classes=num_classes)
         return SoftTargetCrossEntropy(), mixup
-    if t.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(t.label_smoothing), None
-    return nn.CrossEntropyLoss(), None
+    return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
 
 
 # ---------------------------------------------------------------------------------------------------------

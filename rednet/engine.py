@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+import timm.utils
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -31,8 +32,8 @@ __all__ = ['DistInfo', 'setup_distributed', 'cleanup_distributed', 'reduce_sum',
            'WarmupCosine', 'NonFiniteLossError', 'StopFlag', 'atomic_write', 'atomic_save',
            'atomic_link_or_copy', 'log', 'log_to_file', 'StepLog', 'run_cli', 'broadcast_buffers',
            'reduce_tensor_sum', 'remove_stale_temp_files',
-           'capture_rng_state', 'restore_rng_state', 'seed_everything', 'set_deterministic',
-           'autocast', 'accuracy', 'train_one_epoch', 'evaluate', 'unwrap_model']
+           'capture_rng_state', 'restore_rng_state', 'set_deterministic',
+           'autocast', 'accuracy', 'train_one_epoch', 'evaluate']
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,17 +196,6 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
             b.copy_(v.view_as(b))
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP and/or ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
-
-
 # ---------------------------------------------------------------------------------------------------------
 # learning-rate schedule
 
@@ -342,12 +332,6 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         cuda_states = state['cuda']
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -686,7 +670,7 @@ def train_one_epoch(
             else:
                 _optimizer_step(model, optimizer, scaler, clip_grad, clip_mode)
                 if ema is not None:
-                    ema.update(unwrap_model(model), step=global_step + 1)
+                    ema.update(timm.utils.unwrap_model(model), step=global_step + 1)
                 sums.commit()
             optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]['lr']
