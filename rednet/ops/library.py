@@ -57,7 +57,8 @@ def involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation
 @involution_op.register_fake
 def _involution_fake(x, weight, stride, padding, dilation, kernel):
     n, c = x.shape[:2]
-    return x.new_empty((n, c) + tuple(weight.shape[-2:]), memory_format=_memory_format(x))
+    return torch.empty((n, c) + tuple(weight.shape[-2:]), dtype=x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
 
 
 @torch.library.custom_op('rednet::involution_backward', mutates_args=())
