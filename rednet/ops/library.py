@@ -105,8 +105,11 @@ def _no_setup(ctx, inputs, output):
 involution_backward_op.register_autograd(_double_backward, setup_context=_no_setup)
 
 
+_AUTOCAST_KEYS = {'cpu': 'AutocastCPU', 'cuda': 'AutocastCUDA'}
+
+
 def _autocast_kernel(device_type: str):
-    key = getattr(torch._C.DispatchKey, 'Autocast' + torch._C._dispatch_key_for_device(device_type))
+    key = getattr(torch._C.DispatchKey, _AUTOCAST_KEYS[device_type])
 
     def run(x, weight, stride, padding, dilation, kernel):
         dtype = torch.get_autocast_dtype(device_type)
@@ -115,5 +118,5 @@ def _autocast_kernel(device_type: str):
     return run
 
 
-for _device in ('cpu', 'cuda'):
-    _lib.impl('involution', _autocast_kernel(_device), 'Autocast' + torch._C._dispatch_key_for_device(_device))
+for _device, _key in _AUTOCAST_KEYS.items():
+    _lib.impl('involution', _autocast_kernel(_device), _key)
