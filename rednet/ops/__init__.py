@@ -9,14 +9,18 @@ Backends:
 - ``reference``: the unfold math of the official code (K*K copies of the input); ground truth for tests.
 - ``native``: pure PyTorch shift-and-add with a recomputing backward (:mod:`rednet.ops.native`); any device
   and dtype, autocast, channels_last, ``torch.compile`` and ONNX export.
+- ``functional``: the shift-and-add as plain tensor ops with plain autograd; under ``torch.compile`` the compiler
+  fuses the taps with their neighbours; ONNX export of every backend takes this form.
 - ``cpp``: hand-written C++ CPU kernels (:mod:`rednet.ops.cpp`), compiled on first use (about 20 s, cached);
   the K*K taps are summed in registers instead of one pass over memory each. CPU tensors, any float dtype.
 - ``triton``: fused Triton kernels (:mod:`rednet.ops.triton_kernels`) for CUDA tensors in float32/16/bf16
   (float64 too); runs on CPU tensors only under ``TRITON_INTERPRET=1`` (slow, for tests).
-- ``auto``: ``triton`` for CUDA tensors when Triton is importable and the dtype is supported; ``cpp`` for CPU
-  tensors when the C++ kernels build (faster than ``native`` at every RedNet-50 shape, see
-  ``scripts/benchmark.py``); else ``native`` (also inside ``torch.compile``, where native's functional form lets
-  the compiler fuse the taps into one loop). ``reference`` is never chosen automatically.
+- ``auto``: ``cpp`` for CPU tensors when the C++ kernels build, else ``native``; for CUDA tensors the Triton kernels
+  behind a self-check that falls back to ``native`` with a warning (:func:`rednet.ops.triton_kernels.safe_kernels`);
+  under ``torch.compile`` whatever :data:`COMPILE_AUTO` names for the device type. Never ``reference``.
+
+``cpp`` and ``triton`` (and ``auto``'s kernels) run as the registered operator ``torch.ops.rednet.involution``
+(:mod:`rednet.ops.library`), which ``torch.compile`` keeps as one node of its graph and ``torch.export`` exports.
 
 ``involution_fused(x, r, span_weight, span_bias, k, stride, padding, dilation, backend)`` computes
 ``involution(x, conv1x1(r, span_weight, span_bias).view(N, G, K, K, H_out, W_out))`` with the native or cpp
