@@ -140,35 +140,46 @@ class Involution(nn.Module):
         # None = where the kernel map would outgrow the cache (FUSE_MIN_BYTES)
         self.fuse_span = fuse_span
 
-    def _fused_backend(self, x: torch.Tensor) -> Optional[str]:
-        """The backend to run the span conv fused with, or None for unfused (compile/export, other backends)."""
-        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
-                or torch.jit.is_scripting():
-            return None
-        backend = resolve_backend(self.backend, x)
-        return backend if backend in FUSE_MIN_BYTES else None
-
-    def _fuse(self, x: torch.Tensor, r: torch.Tensor) -> Optional[str]:
-        if self.fuse_span is False:
-            return None
-        backend = self._fused_backend(x)
-        if backend is None or self.fuse_span:
-            return backend
-        if x.device.type != 'cpu':  # FUSE_MIN_BYTES was measured on a CPU; on GPUs fusing was not measured to pay
-            return None
-        kmap_bytes = r.shape[0] * self.span.out_channels * r.shape[-2] * r.shape[-1] * max(4, x.element_size())
-        return backend if kmap_bytes >= FUSE_MIN_BYTES[backend] else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.reduce(self.pool(x))  # one row of r per output pixel
-        fused_backend = self._fuse(x, r)
-        if fused_backend:
-            return involution_fused(x, r, self.span.weight, self.span.bias, self.kernel_size, self.stride,
-                                    dilation=self.dilation, backend=fused_backend)
-        weight = self.span(r)
-        n, _, h, w = weight.shape
-        weight = weight.view(n, self.groups, self.kernel_size, self.kernel_size, h, w)
-        return involution(x, weight, stride=self.stride, dilation=self.dilation, backend=self.backend)
+        return involution_layer(x, r, self.span.weight, self.span.bias,
+                                (self.kernel_size, self.stride, self.dilation), self.backend, self.fuse_span)
+
+
+@torch.fx.wrap  # one node of an FX graph (torch.fx.symbolic_trace, create_feature_extractor, timm's FX features)
+@torch.jit.ignore  # runs as Python inside a TorchScript model
+def involution_layer(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor, span_bias: Optional[torch.Tensor],
+                     geometry: Tuple[int, int, int], backend: str, fuse_span: Optional[bool]) -> torch.Tensor:
+    """:class:`Involution` after its reduce step: the span conv (1x1, C/r -> K*K*G) makes the kernel map, which
+    :func:`rednet.ops.involution` applies to ``x`` with ``geometry`` = (K, stride, dilation); or both fused
+    (:func:`rednet.ops.involution_fused`) where ``fuse_span`` and the backend say so (see :class:`Involution`)."""
+    kernel_size, stride, dilation = geometry
+    fused_backend = _fuse_with(x, r, span_weight.shape[0], backend, fuse_span)
+    if fused_backend:
+        return involution_fused(x, r, span_weight, span_bias, kernel_size, stride, dilation=dilation,
+                                backend=fused_backend)
+    weight = F.conv2d(r, span_weight, span_bias)
+    n, _, h, w = weight.shape
+    weight = weight.view(n, -1, kernel_size, kernel_size, h, w)
+    return involution(x, weight, stride=stride, dilation=dilation, backend=backend)
+
+
+def _fuse_with(x: torch.Tensor, r: torch.Tensor, kmap_channels: int, backend: str,
+               fuse_span: Optional[bool]) -> Optional[str]:
+    """The backend to run the span conv fused with, or None for unfused (off, compile/export, other backends, or
+    ``fuse_span=None`` where the kernel map stays small enough for the cache)."""
+    if fuse_span is False or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() \
+            or torch.jit.is_tracing():
+        return None
+    backend = resolve_backend(backend, x)
+    if backend not in FUSE_MIN_BYTES:
+        return None
+    if fuse_span:
+        return backend
+    if x.device.type != 'cpu':  # FUSE_MIN_BYTES was measured on a CPU; on GPUs fusing was not measured to pay
+        return None
+    kmap_bytes = r.shape[0] * kmap_channels * r.shape[-2] * r.shape[-1] * max(4, x.element_size())
+    return backend if kmap_bytes >= FUSE_MIN_BYTES[backend] else None
 
 
 class Bottleneck(nn.Module):
@@ -371,12 +382,12 @@ class RedNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.stem(x))
-        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(nn.Sequential(*stages), x)
-        for stage in stages:
-            x = stage(x)
-        return x
+            return checkpoint_seq(nn.Sequential(self.layer1, self.layer2, self.layer3, self.layer4), x)
+        x = self.layer1(x)  # written out, not looped over a list: TorchScript compiles this
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
 
     def forward_intermediates(
             self,

@@ -245,7 +245,8 @@ def test_whole_model_native_matches_reference(monkeypatch):
         m.load_state_dict(ref.state_dict())
     assert {resolve_backend(m.backend, x) for m in cpp_model.modules() if hasattr(m, 'fuse_span')} == {'cpp'}
     invs = [m for m in fus.modules() if hasattr(m, 'fuse_span')]
-    assert len(invs) == 9 and all(m.fuse_span and m._fused_backend(torch.zeros(1)) == 'native' for m in invs)
+    assert len(invs) == 9 and all(
+        m.fuse_span and model_mod._fuse_with(x, x, 1, m.backend, m.fuse_span) == 'native' for m in invs)
     assert not any(m.fuse_span for m in nat.modules() if hasattr(m, 'fuse_span'))
     fused_calls = []
     real_fused = model_mod.involution_fused
