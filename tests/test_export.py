@@ -35,7 +35,7 @@ def digits_ckpt(tmp_path_factory):
     """RedNet-26 (small-input stem) trained one epoch on digits by train.py."""
     run = tmp_path_factory.mktemp('digits')
     result = run_train(['model=rednet26', 'data=digits', 'train.epochs=1', 'train.progress=false',
-                        f'hydra.run.dir={run}'])
+                        f'hydra.run.dir={run}'], timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     return run / 'checkpoints' / 'best.pt'
 
