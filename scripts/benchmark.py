@@ -11,6 +11,8 @@ Prints markdown tables:
    involution kernel can beat in that mode.
 3. one involution layer, training forward+backward with its span conv fused into the aggregation or not
    (what ``fuse_span=None`` decides by).
+4. ``--deploy`` (alone): inference of ResNet-50 vs RedNet-50 and ResNet-26 vs RedNet-26 in eager, ``torch.compile``,
+   AOTInductor and ONNX Runtime (exports by ``scripts/export.py``): img/s, ratio, compile/export time, file size.
 
 Repeats are interleaved round-robin across the compared variants, so background load hits all of them alike;
 ratios from one run are what count. Times are medians; the minimum (best of the repeats) is printed beside
@@ -27,6 +29,7 @@ allocated before the measured call.
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends cpp-fused,cpp-unfused
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native --bounds
     python scripts/benchmark.py --fuse-only          # one layer, span conv fused vs unfused (fuse_span's thresholds)
+    python scripts/benchmark.py --deploy --bounds --threads 2   # eager / torch.compile / AOTInductor / ONNX Runtime
     python scripts/benchmark.py --models-only --models rednet50 --backends cpp,cpp-fused,cpp-unfused \
         --small-input --img-size 32 --batch 64     # CIFAR-sized training
 """
@@ -366,6 +369,7 @@ def _deploy_model(name: str, small_input: bool):
 def deploy_runner(model, runtime: str, x: torch.Tensor, workdir: str):
     """(a no-grad inference callable on x, seconds to compile or export it, bytes of its file or None); the
     compile time of torch.compile is its first call."""
+    from pathlib import Path
     export = _load_script('export')
     t0 = time.perf_counter()
     size = None
@@ -377,12 +381,12 @@ def deploy_runner(model, runtime: str, x: torch.Tensor, workdir: str):
             fn(x)
     elif runtime == 'AOTInductor':
         path = os.path.join(workdir, f'model{len(os.listdir(workdir))}.pt2')
-        export.export_aoti(model, x, __import__('pathlib').Path(path), {}, False)
+        export.export_aoti(model, x, Path(path), {}, False)
         fn, size = torch._inductor.aoti_load_package(path), os.path.getsize(path)
     else:
         import onnxruntime as ort
         path = os.path.join(workdir, f'model{len(os.listdir(workdir))}.onnx')
-        export.export_onnx(model, x, __import__('pathlib').Path(path), {}, False)
+        export.export_onnx(model, x, Path(path), {}, False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
         sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
@@ -421,8 +425,8 @@ def bench_deploy(args) -> None:
             print(f'({name}, {rt}: ready in {setup[name, rt]:.0f} s; {load_desc()})', flush=True)
         times = med(interleaved_times(fns, args.model_repeats, torch.device('cpu')))
     ips = {k: args.batch / t for k, t in times.items()}
-    print('\n| models | runtime | ResNet img/s | RedNet img/s | RedNet / ResNet | compile or export s (ResNet / RedNet) '
-          '| file MB (ResNet / RedNet) |')
+    print('\n| models | runtime | ResNet img/s | RedNet img/s | RedNet / ResNet '
+          '| compile or export s (ResNet / RedNet) | file MB (ResNet / RedNet) |')
     print('|---|---|---|---|---|---|---|')
     mb = (lambda b: '-' if b is None else f'{b / 2 ** 20:.1f}')
     for res, red in pairs:
