@@ -99,15 +99,15 @@ def test_onnx_classifies_digits_like_eval(onnx_file, digits_ckpt, tmp_path):
     images, targets = _digits_val(meta)
     sess = ort.InferenceSession(str(onnx_file), providers=['CPUExecutionProvider'])
     logits = sess.run(None, {sess.get_inputs()[0].name: images.numpy()})[0]
-    top1 = 100.0 * float((torch.from_numpy(logits).argmax(1) == targets).float().mean())
+    correct = int((torch.from_numpy(logits).argmax(1) == targets).sum())
     result = subprocess.run([sys.executable, 'eval.py', f'checkpoint={digits_ckpt}', 'data=digits',
                              'progress=false', f'hydra.run.dir={tmp_path}'], cwd=REPO, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / 'eval.json').read_text())
     assert report['images'] == len(targets) == 360
-    assert top1 == pytest.approx(report['top1'], abs=1e-9)
-    assert top1 > 50.0  # one epoch learns digits (chance is 10%)
+    assert correct == round(report['top1'] * 360 / 100)  # the same images right, counted by eval.py
+    assert correct > 180  # one epoch learns digits (chance is 10%)
 
 
 @pytest.mark.slow
