@@ -133,7 +133,8 @@ def export(source: str, fmt: str, out: Path, batch: int = 1, img_size: int = 0, 
     do_export, runner = FORMATS[fmt]
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    do_export(model, x, out, meta, dynamic_batch)
+    # torch.export specialises a dimension whose example size is 1: trace a dynamic batch with two images
+    do_export(model, torch.cat([x, x]) if dynamic_batch and batch == 1 else x, out, meta, dynamic_batch)
     seconds = time.perf_counter() - t0
     inputs = [x] + ([torch.randn(batch + 1, in_chans, img_size, img_size, generator=gen)] if dynamic_batch else [])
     err, tol = verify(model, runner(out), inputs)
