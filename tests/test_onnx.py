@@ -1,4 +1,4 @@
-"""ONNX export through the native involution path, checked by running the exported graph in onnxruntime."""
+"""ONNX export (each involution as one Gather + one MatMul, rednet.ops.onnx_form), checked in onnxruntime."""
 import numpy as np
 import pytest
 import torch
