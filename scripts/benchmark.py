@@ -11,6 +11,8 @@ Prints markdown tables:
    involution kernel can beat in that mode.
 3. one involution layer, training forward+backward with its span conv fused into the aggregation or not
    (what ``fuse_span=None`` decides by).
+4. ``--deploy`` (alone): inference of ResNet-50 vs RedNet-50 and ResNet-26 vs RedNet-26 in eager, ``torch.compile``,
+   AOTInductor and ONNX Runtime (exports by ``scripts/export.py``): img/s, ratio, compile/export time, file size.
 
 Repeats are interleaved round-robin across the compared variants, so background load hits all of them alike;
 ratios from one run are what count. Times are medians; the minimum (best of the repeats) is printed beside
@@ -30,6 +32,7 @@ allocated before the measured call.
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends cpp-fused,cpp-unfused
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native --bounds
     python scripts/benchmark.py --fuse-only          # one layer, span conv fused vs unfused (fuse_span's thresholds)
+    python scripts/benchmark.py --deploy --bounds --threads 2   # eager / torch.compile / AOTInductor / ONNX Runtime
     python scripts/benchmark.py --models-only --models rednet50 --backends cpp,cpp-fused,cpp-unfused \
         --small-input --img-size 32 --batch 64     # CIFAR-sized training
 """
@@ -353,6 +356,119 @@ def bench_models(args, device, dtype, backends) -> None:
               f'| {r_mem} |', flush=True)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --deploy: each ResNet / RedNet pair in the runtimes a deployment uses
+
+DEPLOY_PAIRS = (('resnet50', 'rednet50'), ('resnet26', 'rednet26'))
+DEPLOY_RUNTIMES = ('eager', 'torch.compile', 'AOTInductor', 'ONNX Runtime')
+# the bound of any ONNX formulation of the aggregation: every aggregation replaced by the cheapest op that still
+# consumes the kernel map (so the kernel generator is not pruned from the graph)
+DEPLOY_BOUND = 'bound: free aggregation'
+
+
+def _load_script(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _free_aggregation_deploy(self, x):
+    weight = self.span(self.reduce(self.pool(x)))
+    return x[:, :, ::self.stride, ::self.stride] * weight[:, :1]
+
+
+def _deploy_model(name: str, small_input: bool):
+    import types
+    from rednet.model import Involution
+    if name.endswith(f'({DEPLOY_BOUND})'):
+        model = build_model(name.split(' ')[0], 'auto', small_input)
+        for mod in model.modules():
+            if isinstance(mod, Involution):
+                mod.forward = types.MethodType(_free_aggregation_deploy, mod)
+        return model.eval()
+    return build_model(name, 'auto', small_input).eval()
+
+
+def deploy_runner(model, runtime: str, x: torch.Tensor, workdir: str):
+    """(a no-grad inference callable on x, seconds to compile or export it, bytes of its file or None); the
+    compile time of torch.compile is its first call."""
+    from pathlib import Path
+    export = _load_script('export')
+    t0 = time.perf_counter()
+    size = None
+    if runtime == 'eager':
+        fn = model
+    elif runtime == 'torch.compile':
+        fn = torch.compile(model)
+        with torch.no_grad():
+            fn(x)
+    elif runtime == 'AOTInductor':
+        path = os.path.join(workdir, f'model{len(os.listdir(workdir))}.pt2')
+        export.export_aoti(model, x, Path(path), {}, False)
+        fn, size = torch._inductor.aoti_load_package(path), os.path.getsize(path)
+    else:
+        import onnxruntime as ort
+        path = os.path.join(workdir, f'model{len(os.listdir(workdir))}.onnx')
+        export.export_onnx(model, x, Path(path), {}, False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+        sess = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        fn, size = (lambda _x: sess.run(None, feed)), os.path.getsize(path)
+    seconds = time.perf_counter() - t0 if runtime != 'eager' else 0.0
+
+    def infer():
+        with torch.no_grad():
+            return fn(x)
+    return infer, seconds, size
+
+
+def bench_deploy(args) -> None:
+    """One table: ResNet vs RedNet of the same depth, inference, per runtime (img/s, ratio, compile/export time,
+    file size); with --bounds also RedNet in ONNX Runtime with free aggregations."""
+    import tempfile
+    pairs = [p for p in DEPLOY_PAIRS if p[0] in args.models.split(',') or p[1] in args.models.split(',')]
+    runtimes = [r for r in DEPLOY_RUNTIMES if r in args.runtimes.split(',')] if args.runtimes else DEPLOY_RUNTIMES
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen)
+    print(f'\n### Deployment: inference, batch {args.batch}, {args.img_size}x{args.img_size}, float32, '
+          f'{device_desc(torch.device("cpu"))}\n', flush=True)
+    variants = [(name, rt) for pair in pairs for rt in runtimes for name in pair]
+    if args.bounds:
+        variants += [(f'{red} ({DEPLOY_BOUND})', 'ONNX Runtime') for _, red in pairs]
+    fns, setup, sizes = {}, {}, {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, rt in variants:
+            try:
+                fns[name, rt], setup[name, rt], sizes[name, rt] = deploy_runner(
+                    _deploy_model(name, args.small_input), rt, x, workdir)
+            except Exception as e:  # one runtime failing leaves the rest of the table
+                print(f'(skipping {name}, {rt}: {type(e).__name__}: {str(e)[:200]})', flush=True)
+                continue
+            print(f'({name}, {rt}: ready in {setup[name, rt]:.0f} s; {load_desc()})', flush=True)
+        times = med(interleaved_times(fns, args.model_repeats, torch.device('cpu')))
+    ips = {k: args.batch / t for k, t in times.items()}
+    print('\n| models | runtime | ResNet img/s | RedNet img/s | RedNet / ResNet '
+          '| compile or export s (ResNet / RedNet) | file MB (ResNet / RedNet) |')
+    print('|---|---|---|---|---|---|---|')
+    mb = (lambda b: '-' if b is None else f'{b / 2 ** 20:.1f}')
+    for res, red in pairs:
+        for rt in runtimes:
+            r, d = (res, rt), (red, rt)
+            if r not in ips or d not in ips:
+                continue
+            print(f'| {res} / {red} | {rt} | {ips[r]:.1f} | {ips[d]:.1f} | {ips[d] / ips[r]:.2f}x '
+                  f'| {setup[r]:.0f} / {setup[d]:.0f} | {mb(sizes[r])} / {mb(sizes[d])} |')
+        bound = (f'{red} ({DEPLOY_BOUND})', 'ONNX Runtime')
+        if bound in ips and (res, 'ONNX Runtime') in ips:
+            base = ips[res, 'ONNX Runtime']
+            print(f'| {res} / {red} ({DEPLOY_BOUND}) | ONNX Runtime | {base:.1f} | {ips[bound]:.1f} '
+                  f'| {ips[bound] / base:.2f}x | - / {setup[bound]:.0f} | - / {mb(sizes[bound])} |')
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace('torch.', '')
 
@@ -390,6 +506,11 @@ def main(argv=None) -> None:
     only.add_argument('--models-only', action='store_true')
     only.add_argument('--fuse-only', action='store_true',
                       help='only the table of one involution layer with the span conv fused vs unfused')
+    only.add_argument('--deploy', action='store_true',
+                      help='only the deployment table: each ResNet/RedNet pair of --models in eager, torch.compile, '
+                           'AOTInductor and ONNX Runtime (inference; compiles take minutes on a small CPU)')
+    p.add_argument('--runtimes', default=None, help='with --deploy: a comma-separated subset of ' +
+                   ','.join(DEPLOY_RUNTIMES))
     args = p.parse_args(argv)
 
     if args.threads:
@@ -403,6 +524,10 @@ def main(argv=None) -> None:
     print(f'torch {torch.__version__}, {device_desc(device)}, dtype {args.dtype}, backends {",".join(backends)}, '
           f'{load_desc()}')
     t0 = time.time()
+    if args.deploy:
+        bench_deploy(args)
+        print(f'\n({time.time() - t0:.0f} s; {load_desc()})')
+        return
     everything = not (args.ops_only or args.models_only or args.fuse_only)
     if everything or args.ops_only:
         bench_ops(args, device, dtype, backends)
