@@ -1,4 +1,4 @@
-"""Evaluate a RedNet checkpoint of any kind on a data set: top-1, top-5, loss, images, img/s.
+"""Evaluate a RedNet checkpoint of any kind (or a timm baseline that ``train.py`` trained) on a data set: top-1, top-5, loss, images, img/s.
 
     python eval.py checkpoint=rednet50.pth data=imagenet data.root=/data/imagenet
     python eval.py checkpoint=RedNet26_pretrained.pdparams data.root=/data/imagenet amp=bf16 channels_last=true
@@ -9,6 +9,8 @@ The model is built from the file alone (``rednet.load_model``) and evaluated wit
 Prints a one-line summary and writes ``eval.json`` in the run directory (``hydra.run.dir``).
 """
 import json
+import logging
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -24,7 +26,7 @@ import rednet
 from rednet import data as rdata
 from rednet import engine
 from rednet.engine import log
-from rednet.checkpoint import CheckpointError
+from rednet.checkpoint import CheckpointError, is_rednet, model_from_checkpoint, read_checkpoint
 from rednet.train_config import DataConfig, check_overrides
 
 
@@ -122,7 +124,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
         raise EvalError(f'amp={cfg.amp!r} is not valid; choose null, bf16 or fp16')
     info = engine.setup_distributed(cfg.device)
     run_dir = Path(engine.broadcast_object(HydraConfig.get().runtime.output_dir))
-    model = rednet.load_model(cfg.checkpoint, involution_backend=cfg.involution_backend)
+    ckpt = read_checkpoint(cfg.checkpoint)  # a RedNet of any format, or a timm baseline train.py trained
+    backend = dict(involution_backend=cfg.involution_backend) if is_rednet(ckpt.arch) else {}
+    model = model_from_checkpoint(ckpt, str(cfg.checkpoint), **backend)
     data_cfg = eval_data_config(cfg, model)
     dataset = match_classes(cfg, rdata.build_dataset(data_cfg, train=False), model.num_classes)
     loader = rdata.build_loader(dataset, cfg.batch_size, False, data_cfg.workers, 0, info.rank, info.world_size,
@@ -151,8 +155,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
 
 @hydra.main(config_path='configs', config_name='eval', version_base=None)
 def main(cfg: DictConfig) -> None:
-    engine.run_cli(evaluate_checkpoint, cfg, {EvalError: 2, CheckpointError: 2, FileNotFoundError: 2,
-                                              rdata.DataError: 2})
+    logging.captureWarnings(True)  # warnings go to the log (console and eval.log) like everything else
+    is_main = int(os.environ.get('RANK', '0')) == 0
+    with engine.log_to_file(str(Path(HydraConfig.get().runtime.output_dir) / 'eval.log') if is_main else None):
+        engine.run_cli(evaluate_checkpoint, cfg, {EvalError: 2, CheckpointError: 2, FileNotFoundError: 2,
+                                                  rdata.DataError: 2})
 
 
 if __name__ == '__main__':

@@ -12,11 +12,14 @@ schedule, loss, resume, then the epoch loop (train, evaluate, log, checkpoint). 
 ``rednet/train_config.py``.
 """
 import json
+import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
+import timm.utils
 import torch
 import torch.nn as nn
 from hydra.core.hydra_config import HydraConfig
@@ -25,8 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 import rednet  # noqa: F401  (registers the RedNet models with timm)
 from rednet import data as rdata
 from rednet import engine
+from rednet.checkpoint import is_rednet
 from rednet.engine import log
-from rednet.train_config import check_overrides, register_schema
+from rednet.train_config import (INVOLUTION_KEYS, check_involution_config, check_involution_overrides,
+                                 check_overrides, register_schema)
 
 register_schema()
 
@@ -37,10 +42,6 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. config checks
-
-def is_rednet(name: str) -> bool:
-    return name.startswith('rednet')
-
 
 def validate_config(cfg: DictConfig) -> None:
     """Values the schema's types cannot check: names, choices and ranges. Fails before any work."""
@@ -56,6 +57,9 @@ def validate_config(cfg: DictConfig) -> None:
                           f'{", ".join(timm.list_models("rednet*"))} (or any timm model, e.g. resnet50)')
     if is_rednet(cfg.model.name):
         choose(cfg.model.involution_backend, BACKENDS, 'model.involution_backend')
+    problem = check_involution_config(cfg.model)
+    if problem:
+        raise ConfigError(problem)
     choose(cfg.data.name, rdata.DATASETS, 'data.name')
     choose(cfg.data.bad_images, ('error', 'skip'), 'data.bad_images')
     choose(cfg.data.train_crop, ('rrc', 'pad', 'none'), 'data.train_crop')
@@ -90,7 +94,7 @@ def setup(cfg: DictConfig, run_dir: Optional[str] = None) -> Tuple[engine.DistIn
     # all processes use rank 0's run directory (hydra.run.dir may contain ${now:...})
     run_dir = Path(engine.broadcast_object(run_dir or HydraConfig.get().runtime.output_dir))
     engine.set_deterministic(cfg.train.deterministic)
-    engine.seed_everything(cfg.train.seed + info.rank)
+    timm.utils.random_seed(cfg.train.seed, info.rank)
     return info, run_dir
 
 
@@ -122,23 +126,24 @@ def build_data(cfg: DictConfig, info: engine.DistInfo):
 def build_model(cfg: DictConfig, num_classes: int, info: engine.DistInfo):
     """The bare model, its DDP/compile wrapper, and the (arch, model_args) that ``rednet.load_model`` needs."""
     import timm
+    from rednet.model import timm_small_input_stem
     small = cfg.model.small_input
     if small is None:
         small = cfg.data.img_size <= 64
     model_args: Dict[str, Any] = dict(num_classes=num_classes, in_chans=3, **cfg.model.kwargs)
     if is_rednet(cfg.model.name):
-        model_args.update(small_input=bool(small), stem_kernel_size=cfg.model.stem_kernel_size)
+        model_args.update(small_input=bool(small), stem_kernel_size=cfg.model.stem_kernel_size,
+                          **{k: cfg.model[k] for k in INVOLUTION_KEYS})
         model = timm.create_model(cfg.model.name, involution_backend=cfg.model.involution_backend,
                                   fuse_span=cfg.model.fuse_span, **model_args)
     else:
         model = timm.create_model(cfg.model.name, **model_args)
         if small:  # CIFAR stem for timm ResNets: 3x3 stride-1 conv, no max-pool
-            if not (hasattr(model, 'conv1') and hasattr(model, 'maxpool')):
-                raise ConfigError(f'model.small_input is only implemented for RedNet and timm ResNets, '
-                                  f'not {cfg.model.name}; set model.small_input=false')
-            model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-            model.maxpool = nn.Identity()
-        model_args['small_input'] = bool(small)  # informative; timm's own models do not take it
+            try:
+                timm_small_input_stem(model)
+            except ValueError as e:
+                raise ConfigError(f'model.small_input: {e}; set model.small_input=false') from None
+        model_args['small_input'] = bool(small)  # rednet.load_model rebuilds the stem from it
     if cfg.model.pretrained:
         from rednet.checkpoint import load_weights
         load_weights(model, cfg.model.pretrained)
@@ -197,15 +202,13 @@ def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_
 def build_loss(cfg: DictConfig, num_classes: int):
     """Training criterion and the optional timm Mixup/CutMix (which then makes soft targets)."""
     from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.loss import SoftTargetCrossEntropy
     t = cfg.train
     if t.mixup > 0 or t.cutmix > 0:
         mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
                       switch_prob=t.mixup_switch_prob, label_smoothing=t.label_smoothing, num_classes=num_classes)
         return SoftTargetCrossEntropy(), mixup
-    if t.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(t.label_smoothing), None
-    return nn.CrossEntropyLoss(), None
+    return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,9 +390,21 @@ def log_epoch(writer, metrics_path: Optional[Path], m: Dict[str, Any]) -> None:
 # 8. the run
 
 def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
-    """The whole run; ``run_dir`` defaults to Hydra's run directory (``hydra.run.dir``)."""
+    """The whole run; ``run_dir`` defaults to Hydra's run directory (``hydra.run.dir``). Everything logged also
+    goes to ``train.log`` there; the resolved config is written to ``config.yaml``."""
     validate_config(cfg)
     info, run_dir = setup(cfg, run_dir)
+    with engine.log_to_file(str(run_dir / 'train.log') if info.is_main else None):
+        if info.is_main:
+            engine.atomic_write(str(run_dir / 'config.yaml'),
+                                lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True)))
+            log(f'config: {run_dir / "config.yaml"}; log: {run_dir / "train.log"}; '
+                f'TensorBoard: tensorboard --logdir {run_dir / "tb"}')
+        return fit(cfg, info, run_dir)
+
+
+def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]:
+    """Data, model, optimizer, resume, then the epoch loop (train, evaluate, log, checkpoint)."""
     ckpt_dir = run_dir / 'checkpoints'
     train_loader, val_loader, num_classes = build_data(cfg, info)
     model, wrapped, arch, model_args = build_model(cfg, num_classes, info)
@@ -421,6 +436,8 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
             for name in engine.remove_stale_temp_files(str(folder)):
                 log(f'removed {folder / name}, left by a save that was killed')
     writer, metrics_path = open_logs(run_dir, start_epoch, step, info)
+    steplog = engine.StepLog(cfg.train.log_every, cfg.train.epochs, writer,
+                             bar=cfg.train.progress and info.is_main and sys.stderr.isatty())
     stop = engine.StopFlag().install()
     last_path = ckpt_dir / 'last.pt'
     last_good = str(resume_path) if resume_path is not None else None
@@ -440,8 +457,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 global_step=step, batches_done=batches_done, steps_per_epoch=steps_per_epoch, amp=cfg.train.amp,
                 scaler=scaler, grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad,
                 clip_mode=cfg.train.clip_mode, mixup_fn=mixup_fn, ema=ema, channels_last=cfg.train.channels_last,
-                skip_nonfinite=cfg.train.skip_nonfinite, stop=stop, last_checkpoint=last_good, writer=writer,
-                log_every=cfg.train.log_every, progress=cfg.train.progress and info.is_main)
+                skip_nonfinite=cfg.train.skip_nonfinite, stop=stop, last_checkpoint=last_good, steplog=steplog)
             step = stats['global_step']
             engine.broadcast_buffers(model)  # validate and save the same BatchNorm statistics on every rank
             if ema is not None:
@@ -493,9 +509,11 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
 
 @hydra.main(config_path='configs', config_name='train', version_base=None)
 def main(cfg: DictConfig) -> None:
+    logging.captureWarnings(True)  # warnings go to the log (console and train.log) like everything else
     engine.run_cli(train, cfg, {ConfigError: 2, rdata.DataError: 2, engine.NonFiniteLossError: 3})
 
 
 if __name__ == '__main__':
     engine.check_cli(check_overrides)
+    engine.check_cli(check_involution_overrides)  # every value of a -m sweep, before the first job
     main()

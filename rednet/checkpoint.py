@@ -22,6 +22,10 @@ import torch.nn as nn
 from .engine import atomic_write
 from .model import DEPTHS
 
+
+def is_rednet(arch: str) -> bool:
+    return arch.startswith('rednet')
+
 __all__ = ['Checkpoint', 'load_model', 'model_from_checkpoint', 'load_weights', 'read_checkpoint',
            'convert_state_dict', 'fit_state_dict', 'infer_model_args',
            'load_state_dict_strict', 'save_released', 'convert_checkpoint', 'CheckpointError']
@@ -124,7 +128,10 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     """Read any supported file, safely.
 
     ``arch`` and model arguments come from our own metadata when present; otherwise they are inferred from the
-    tensors (depth from the block counts, stem kernel from the stem involution, classes from the head).
+    tensors (depth from the block counts, stem kernel from the stem involution, classes from the head, the
+    bottleneck involutions' ``kernel_size``, ``group_channels`` and ``reduction_ratio`` from their convs). The
+    involution arguments our metadata lacks (files written before they existed) are inferred too; ``dilation``
+    leaves no trace in the tensors, so only our own files carry it (others load with the official 1).
     """
     path = Path(path)
     if not path.is_file():
@@ -153,11 +160,15 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
             state_dict = obj['state_dict']
         else:
             state_dict = obj
+    if arch is not None and not is_rednet(arch):  # a timm baseline trained by train.py: keys as saved
+        return Checkpoint(state_dict, arch, model_args, pretrained_cfg)
     state_dict = to_rednet_keys(state_dict, source=str(path))
     inferred = infer_model_args(state_dict, source=str(path))
     if arch is None:
         arch = f'rednet{inferred.pop("depth")}'
         model_args = {**inferred, **model_args}
+    else:
+        model_args = {**{k: inferred[k] for k in BLOCK_INVOLUTION_ARGS}, **model_args}
     return Checkpoint(state_dict, arch, model_args, pretrained_cfg)
 
 
@@ -213,8 +224,40 @@ def _stem_kernel_size(state_dict: Dict[str, torch.Tensor]) -> int:
     return math.isqrt(state_dict['stem.inv.span.weight'].shape[0] // groups)
 
 
+# the bottleneck involution arguments that the tensors' shapes determine
+BLOCK_INVOLUTION_ARGS = ('kernel_size', 'group_channels', 'reduction_ratio')
+
+
+def _block_involution_args(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, int]:
+    """``kernel_size``, ``group_channels`` and ``reduction_ratio`` of the bottleneck involutions.
+
+    Each has a reduce conv (C/r, C) and a span conv (K*K*G, C/r) with G = C / group_channels groups. G divides
+    C = 64 in the first stage, so G is a power of two, and K is odd: G is the power-of-two part of K*K*G and
+    K*K its odd part. Every block must agree (the model has one setting for all).
+    """
+    found = {}
+    for key, span in state_dict.items():
+        m = re.match(r'(layer\d+\.\d+)\.inv\.span\.weight$', key)
+        reduce = state_dict.get(f'{m.group(1)}.inv.reduce.conv.weight') if m else None
+        if reduce is None:
+            continue
+        channels, kernel_map = reduce.shape[1], span.shape[0]
+        groups = kernel_map & -kernel_map
+        k = math.isqrt(kernel_map // groups)
+        if k * k * groups != kernel_map or channels % groups or channels % reduce.shape[0]:
+            raise CheckpointError(f'{source}: {key} has {kernel_map} outputs for {channels} channels, which is '
+                                  f'K*K*G for no odd K and G dividing {channels}')
+        found[m.group(1)] = (k, channels // groups, channels // reduce.shape[0])
+    settings = set(found.values())
+    if len(settings) > 1:
+        raise CheckpointError(f'{source}: the bottleneck involutions differ in (kernel_size, group_channels, '
+                              f'reduction_ratio): {sorted(settings)}; RedNet uses one setting for every block')
+    return dict(zip(BLOCK_INVOLUTION_ARGS, settings.pop())) if settings else {}
+
+
 def infer_model_args(state_dict: Dict[str, torch.Tensor], source: str = 'state dict') -> Dict[str, Any]:
-    """Depth, stem kernel size, input channels and class count, from the tensors alone."""
+    """Depth, stem kernel size, input channels, class count and the bottleneck involutions' kernel size,
+    group channels and reduction ratio, from the tensors alone."""
     for key in ('stem.inv.span.weight', 'stem.conv1.conv.weight'):
         if key not in state_dict:
             raise CheckpointError(f'{source}: not a RedNet checkpoint (no {key!r} after key conversion; '
@@ -231,7 +274,7 @@ def infer_model_args(state_dict: Dict[str, torch.Tensor], source: str = 'state d
     fc = state_dict.get('fc.weight')
     return dict(depth=by_blocks[tuple(blocks)], stem_kernel_size=stem_kernel_size,
                 in_chans=state_dict['stem.conv1.conv.weight'].shape[1],
-                num_classes=fc.shape[0] if fc is not None else 0)
+                num_classes=fc.shape[0] if fc is not None else 0, **_block_involution_args(state_dict, source))
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint',
@@ -253,16 +296,31 @@ def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=not allow_missing_head)
 
 
+def _check_block_involutions(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    inv = getattr(getattr(model, 'layer1', [None])[0], 'inv', None)
+    file_args = _block_involution_args(state_dict, source)
+    if inv is None or not file_args:
+        return
+    model_args = {k: getattr(inv, k) for k in BLOCK_INVOLUTION_ARGS}
+    if file_args != model_args:
+        fmt = ', '.join
+        raise CheckpointError(
+            f'{source} has bottleneck involutions with {fmt(f"{k}={v}" for k, v in file_args.items())} but the '
+            f'model was built with {fmt(f"{k}={v}" for k, v in model_args.items())}; create it with '
+            f'{fmt(f"{k}={v}" for k, v in file_args.items() if model_args[k] != v)}')
+
+
 def fit_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str = 'checkpoint',
                    file_small_input: Optional[bool] = None) -> Dict[str, torch.Tensor]:
-    """A state dict in this project's keys -> ``model``'s: a clear error when the file's stem kernel (or its
-    recorded ``small_input``) differs from the model's; the head dropped when the class counts differ; the first
-    conv adapted (as timm does) when the input channels differ."""
+    """A state dict in this project's keys -> ``model``'s: a clear error when the file's stem kernel, its
+    bottleneck involutions' shapes (or its recorded ``small_input``) differ from the model's; the head dropped
+    when the class counts differ; the first conv adapted (as timm does) when the input channels differ."""
     file_k = _stem_kernel_size(state_dict)
     if file_k != model.stem.inv.kernel_size:
         raise CheckpointError(
             f'{source} has a stem involution with K={file_k} but the model was built with '
             f'stem_kernel_size={model.stem.inv.kernel_size}; create it with stem_kernel_size={file_k}')
+    _check_block_involutions(state_dict, model, source)
     if file_small_input is not None and file_small_input != model.small_input:
         raise CheckpointError(f'{source} was trained with small_input={file_small_input}; create the '
                               f'model with small_input={file_small_input}')
@@ -319,9 +377,36 @@ def load_model(path: PathLike, **overrides: Any) -> nn.Module:
 def model_from_checkpoint(ckpt: Checkpoint, source: str = 'checkpoint', **overrides: Any) -> nn.Module:
     """:func:`load_model` for a checkpoint already read with :func:`read_checkpoint`."""
     import timm
+    if not is_rednet(ckpt.arch):
+        return _baseline_from_checkpoint(ckpt, source, **overrides)
     model = timm.create_model(ckpt.arch, **{**ckpt.model_args, **overrides})
     small_input = None if 'small_input' in overrides else ckpt.model_args.get('small_input')
     if _load_fitted(model, ckpt.state_dict, source, small_input):  # the data pipeline of the file's classifier
+        model.pretrained_cfg = {**model.pretrained_cfg, **ckpt.pretrained_cfg}
+    return model
+
+
+def _baseline_from_checkpoint(ckpt: Checkpoint, source: str, **overrides: Any) -> nn.Module:
+    """A timm baseline (``model=resnet26`` ...) that ``train.py`` trained: the timm model, the small-input stem
+    when it was trained with one, the weights loaded strictly (a new head when ``num_classes`` differs)."""
+    import timm
+    from .model import timm_small_input_stem
+    rednet_only = sorted(set(overrides) & {'involution_backend', 'fuse_span', 'stem_kernel_size', 'dilation',
+                                           *BLOCK_INVOLUTION_ARGS})
+    if rednet_only:
+        raise CheckpointError(f'{source} holds a {ckpt.arch}, which has no {", ".join(rednet_only)}')
+    args = {**ckpt.model_args, **overrides}
+    small_input = args.pop('small_input', False)
+    model = timm.create_model(ckpt.arch, **args)
+    if small_input:
+        timm_small_input_stem(model)
+    head = model.pretrained_cfg.get('classifier', 'fc')
+    state_dict = ckpt.state_dict
+    new_head = model.num_classes != ckpt.model_args.get('num_classes', model.num_classes)
+    if new_head:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head + '.')}
+    load_state_dict_strict(model, state_dict, source, allow_missing_head=new_head)
+    if not new_head:
         model.pretrained_cfg = {**model.pretrained_cfg, **ckpt.pretrained_cfg}
     return model
 

@@ -253,7 +253,7 @@ def build_transform(cfg: Any, is_training: bool, tensor_input: bool = False) -> 
         elif crop == 'rrc':
             ops.append(T.RandomResizedCrop(img_size, scale=tuple(_get(cfg, 'scale')),
                                            ratio=tuple(_get(cfg, 'ratio')), antialias=True))
-        if float(_get(cfg, 'hflip', 0.0)) > 0:
+        if float(_get(cfg, 'hflip', 0.5)) > 0:
             ops.append(T.RandomHorizontalFlip(float(_get(cfg, 'hflip'))))
         if _get(cfg, 'auto_augment') and not tensor_input:
             ops.append(_auto_augment(cfg))
@@ -261,7 +261,7 @@ def build_transform(cfg: Any, is_training: bool, tensor_input: bool = False) -> 
         ops.append(T.ToTensor())
     ops.append(T.Normalize(mean, std))
     if is_training and float(_get(cfg, 're_prob', 0.0)) > 0:
-        ops.append(RandomErasing(float(_get(cfg, 're_prob')), mode='pixel', device='cpu'))
+        ops.append(RandomErasing(float(_get(cfg, 're_prob')), device='cpu'))  # timm's default mode, as create_transform
     return T.Compose(ops)
 
 

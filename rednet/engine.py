@@ -9,6 +9,7 @@
 - non-finite loss handling and a SIGTERM (preemption) flag.
 """
 import contextlib
+import logging
 import math
 import os
 import random
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+import timm.utils
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -28,9 +30,10 @@ import torch.nn.functional as F
 
 __all__ = ['DistInfo', 'setup_distributed', 'cleanup_distributed', 'reduce_sum', 'broadcast_object',
            'WarmupCosine', 'NonFiniteLossError', 'StopFlag', 'atomic_write', 'atomic_save',
-           'atomic_link_or_copy', 'log', 'run_cli', 'broadcast_buffers', 'reduce_tensor_sum', 'remove_stale_temp_files',
-           'capture_rng_state', 'restore_rng_state', 'seed_everything', 'set_deterministic',
-           'autocast', 'accuracy', 'train_one_epoch', 'evaluate', 'unwrap_model']
+           'atomic_link_or_copy', 'log', 'log_to_file', 'StepLog', 'run_cli', 'broadcast_buffers',
+           'reduce_tensor_sum', 'remove_stale_temp_files',
+           'capture_rng_state', 'restore_rng_state', 'set_deterministic',
+           'autocast', 'accuracy', 'train_one_epoch', 'evaluate']
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,10 +86,45 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+logger = logging.getLogger('rednet')
+logger.setLevel(logging.INFO)
+
+
 def log(*args: Any) -> None:
-    """``print`` on rank 0 only."""
+    """Log a line (``logging``, logger ``rednet``) on rank 0 only."""
     if int(os.environ.get('RANK', '0')) == 0:
-        print(*args, flush=True)
+        logger.info(' '.join(str(a) for a in args))
+
+
+@contextlib.contextmanager
+def log_to_file(path: Optional[str]):
+    """While the block runs, every log record (rednet's, Hydra's and, under the command line, warnings) also goes
+    to ``path`` with a timestamp; an exception that leaves the block is written there too. Outside Hydra (a
+    ``train.train`` call from Python) the lines also go to stdout. ``path=None`` (other ranks): only that."""
+    root = logging.getLogger()
+    added = []
+    if not root.handlers:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter('%(message)s'))
+        added.append(console)
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        file = logging.FileHandler(path)
+        file.setFormatter(logging.Formatter('[%(asctime)s] %(message)s', '%Y-%m-%d %H:%M:%S'))
+        added.append(file)
+    for handler in added:
+        root.addHandler(handler)
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as e:
+        if path is not None:
+            file.handle(logging.makeLogRecord(dict(name='rednet', levelno=logging.ERROR, levelname='ERROR',
+                                                   msg=f'error: {type(e).__name__}: {e}')))
+        raise
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def check_cli(check: Callable[[List[str]], Optional[str]]) -> None:
@@ -156,17 +194,6 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
         dist.broadcast(flat, src)
         for b, v in zip(buffers, flat.split([b.numel() for b in buffers])):
             b.copy_(v.view_as(b))
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP and/or ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,12 +332,6 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         cuda_states = state['cuda']
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -461,6 +482,77 @@ class _StepSums:
         self.group_images = 0
 
 
+class StepLog:
+    """What the training loop reports every ``every`` optimizer steps (rank 0): a plain log line with the epoch,
+    step/total, loss, lr, img/s, the fraction of time spent waiting for data, the ETA of the epoch and of the
+    run, and peak memory (CUDA) or peak RSS; the step loss and lr to TensorBoard (``writer``); and, with
+    ``bar=True`` (a terminal), a tqdm bar above which the lines are printed."""
+
+    def __init__(self, every: int = 20, epochs: int = 1, writer: Any = None, bar: bool = False):
+        self.every, self.epochs, self.writer, self.use_bar = max(int(every), 1), int(epochs), writer, bar
+        self.world = dist.get_world_size() if _dist_on() else 1
+        self.bar = self._redirect = None
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def start_epoch(self, epoch: int, steps_per_epoch: int, step_in_epoch: int, micro_batches: Tuple[int, int]):
+        self.epoch, self.steps_per_epoch, self.first_step = epoch, steps_per_epoch, step_in_epoch
+        self.start = self.last = time.perf_counter()
+        self.data_time, self.images = 0.0, 0
+        if self.use_bar:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+            self.bar = tqdm(total=micro_batches[1], initial=micro_batches[0], desc=f'epoch {epoch}',
+                            dynamic_ncols=True, mininterval=1.0, leave=False)
+
+    def batch_ready(self) -> None:
+        """A micro-batch came out of the loader: the time since the last one finished was spent waiting."""
+        now = time.perf_counter()
+        self.data_time += now - self.last
+
+    def batch_done(self, images: int) -> None:
+        self.images += images
+        self.last = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def step(self, global_step: int, step_in_epoch: int, step_loss: float, epoch_loss: float, lr: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar('train/loss_step', step_loss, global_step)
+            self.writer.add_scalar('train/lr_step', lr, global_step)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        per_step = elapsed / max(step_in_epoch - self.first_step, 1)
+        left_epoch = self.steps_per_epoch - step_in_epoch
+        left_run = left_epoch + (self.epochs - self.epoch - 1) * self.steps_per_epoch
+        img_s = self.images * self.world / elapsed
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f'{epoch_loss:.4f}', lr=f'{lr:.3g}', img_s=f'{img_s:.1f}', refresh=False)
+        log(f'epoch {self.epoch} step {step_in_epoch}/{self.steps_per_epoch}  loss {epoch_loss:.4f} '
+            f'(step {step_loss:.4f})  lr {lr:.4g}  {img_s:.1f} img/s  data {100 * self.data_time / elapsed:.0f}%  '
+            f'eta epoch {_duration(left_epoch * per_step)} run {_duration(left_run * per_step)}  {_peak_memory()}')
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self._redirect.__exit__(None, None, None)
+            self.bar = self._redirect = None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def _peak_memory() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f'peak mem {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB'
+    import resource
+    return f'peak rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB'  # Linux: KiB
+
+
 def _nonfinite_error(where: str, last_checkpoint: Optional[str]) -> NonFiniteLossError:
     ckpt = last_checkpoint or 'none written yet'
     return NonFiniteLossError(
@@ -505,9 +597,7 @@ def train_one_epoch(
         skip_nonfinite: bool = False,
         stop: Optional[StopFlag] = None,
         last_checkpoint: Optional[str] = None,
-        writer: Any = None,
-        log_every: int = 20,
-        progress: bool = False,
+        steplog: Optional[StepLog] = None,
 ) -> Dict[str, Any]:
     """One epoch (or what remains of it after ``batches_done`` micro-batches).
 
@@ -520,7 +610,7 @@ def train_one_epoch(
 
     Host synchronisation: none per micro-batch; one per optimizer step, where the non-finite and SIGTERM flags
     of all processes travel together in one two-element all-reduce; losses stay on the device and are read
-    every ``log_every`` steps (TensorBoard, progress bar) and at the end of the epoch.
+    every ``steplog.every`` steps (log line, TensorBoard, progress bar) and at the end of the epoch.
     """
     model.train()
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -531,74 +621,68 @@ def train_one_epoch(
     sums = _StepSums(device)
     skipped, interrupted = 0, False
     lr = optimizer.param_groups[0]['lr']
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=last_batch, initial=batches_done, desc=f'epoch {epoch}', dynamic_ncols=True,
-                   mininterval=1.0, leave=False)
+    steplog = steplog or StepLog()
+    steplog.start_epoch(epoch, steps_per_epoch, batches_done // grad_accum, (batches_done, last_batch))
     start = time.perf_counter()
     batch_idx = batches_done
     optimizer.zero_grad(set_to_none=True)
-    for batch in loader:
-        if batch_idx >= last_batch:
-            break
-        images, target, skipped_images = _unpack(batch)
-        images, target = _to_device(images, target, device, channels_last)
-        if mixup_fn is not None:
-            images, target = mixup_fn(images, target)
-        is_step = (batch_idx + 1) % grad_accum == 0
-        sync = contextlib.nullcontext() if (is_step or not is_ddp) else model.no_sync()
-        with sync:
-            with autocast(device, amp):
-                output = model(images)
-                loss = criterion(output, target)
-            if _test_fault(global_step + 1, ('NAN',)) == 'NAN':
-                loss = loss * float('nan')
-            scaled = loss / grad_accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        sums.add(loss, images.shape[0], skipped_images)
-        batch_idx += 1
-        if bar is not None:
-            bar.update(1)
-        if not is_step:
-            continue
-        log_now = (global_step + 1) % max(log_every, 1) == 0
-        flags = sums.flags(stop is not None and stop.requested)
-        if log_now:  # read the losses in the same host synchronisation as the flags
-            bad, stop_seen, step_loss, epoch_loss = torch.cat(
-                [flags.double(), (sums.group_loss / max(sums.group_images, 1)).view(1),
-                 (sums.loss / max(sums.images, 1)).view(1)]).tolist()
-        else:
-            bad, stop_seen = flags.tolist()
-        if bad > 0:
-            where = (f'non-finite loss at epoch {epoch}, optimizer step {global_step + 1} (micro-batches '
-                     f'{batch_idx - grad_accum}-{batch_idx - 1} of the epoch)')
-            if not skip_nonfinite:
-                raise _nonfinite_error(where, last_checkpoint)
-            warnings.warn(f'{where}: skipping this optimizer step (train.skip_nonfinite=true)')
-            skipped += 1
-            sums.discard()
-        else:
-            _optimizer_step(model, optimizer, scaler, clip_grad, clip_mode)
-            if ema is not None:
-                ema.update(unwrap_model(model), step=global_step + 1)
-            sums.commit()
-        optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]['lr']
-        scheduler.step()
-        global_step += 1
-        _test_fault(global_step)
-        if log_now and writer is not None:
-            writer.add_scalar('train/loss_step', step_loss, global_step)
-            writer.add_scalar('train/lr_step', lr, global_step)
-        if log_now and bar is not None:
-            bar.set_postfix(loss=f'{epoch_loss:.4f}', lr=f'{lr:.3g}',
-                            img_s=f'{sums.images / max(time.perf_counter() - start, 1e-9):.1f}', refresh=False)
-        if stop_seen > 0:  # SIGTERM seen by any process before this step: all stop here
-            interrupted = True
-            break
-    if bar is not None:
-        bar.close()
+    try:
+        for batch in loader:
+            if batch_idx >= last_batch:
+                break
+            steplog.batch_ready()
+            images, target, skipped_images = _unpack(batch)
+            images, target = _to_device(images, target, device, channels_last)
+            if mixup_fn is not None:
+                images, target = mixup_fn(images, target)
+            is_step = (batch_idx + 1) % grad_accum == 0
+            sync = contextlib.nullcontext() if (is_step or not is_ddp) else model.no_sync()
+            with sync:
+                with autocast(device, amp):
+                    output = model(images)
+                    loss = criterion(output, target)
+                if _test_fault(global_step + 1, ('NAN',)) == 'NAN':
+                    loss = loss * float('nan')
+                scaled = loss / grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            sums.add(loss, images.shape[0], skipped_images)
+            batch_idx += 1
+            steplog.batch_done(images.shape[0])
+            if not is_step:
+                continue
+            log_now = steplog.due(global_step + 1)
+            flags = sums.flags(stop is not None and stop.requested)
+            if log_now:  # read the losses in the same host synchronisation as the flags
+                bad, stop_seen, step_loss, epoch_loss = torch.cat(
+                    [flags.double(), (sums.group_loss / max(sums.group_images, 1)).view(1),
+                     (sums.loss / max(sums.images, 1)).view(1)]).tolist()
+            else:
+                bad, stop_seen = flags.tolist()
+            if bad > 0:
+                where = (f'non-finite loss at epoch {epoch}, optimizer step {global_step + 1} (micro-batches '
+                         f'{batch_idx - grad_accum}-{batch_idx - 1} of the epoch)')
+                if not skip_nonfinite:
+                    raise _nonfinite_error(where, last_checkpoint)
+                warnings.warn(f'{where}: skipping this optimizer step (train.skip_nonfinite=true)')
+                skipped += 1
+                sums.discard()
+            else:
+                _optimizer_step(model, optimizer, scaler, clip_grad, clip_mode)
+                if ema is not None:
+                    ema.update(timm.utils.unwrap_model(model), step=global_step + 1)
+                sums.commit()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]['lr']
+            scheduler.step()
+            global_step += 1
+            _test_fault(global_step)
+            if log_now:
+                steplog.step(global_step, batch_idx // grad_accum, step_loss, epoch_loss, lr)
+            if stop_seen > 0:  # SIGTERM seen by any process before this step: all stop here
+                interrupted = True
+                break
+    finally:
+        steplog.end_epoch()
     elapsed = time.perf_counter() - start
     counts = torch.tensor([sums.images, sums.skipped_images], dtype=torch.float64, device=device)
     totals = torch.cat([sums.loss.view(1), counts])

@@ -10,20 +10,27 @@ the official code's. Differences, each documented where it lives:
 - odd input sizes work: the kernel generator's stride pooling uses ``ceil_mode=True``, which equals the
   official ``AvgPool2d(s, s)`` on even sizes and gives one kernel per output pixel on odd ones;
 - ``small_input=True`` builds a stem for 32x32 data sets (CIFAR, digits): stride-1 first conv and no max-pool;
-- ``stem_kernel_size=7`` builds the detection/segmentation variant of the stem.
+- ``stem_kernel_size=7`` builds the detection/segmentation variant of the stem;
+- the bottleneck involutions' hyperparameters (``kernel_size``, ``group_channels``, ``reduction_ratio``,
+  ``dilation``) are arguments, for the paper's ablations; the defaults (7, 16, 4, 1) are the official model.
+  The stem's involution keeps its official group channels (16) and reduction (4).
 """
-from typing import Any, Dict, Optional, Tuple, Union
+import math
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvNormAct, create_classifier
+from timm.layers import ConvNormAct, DropPath, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .ops import involution, involution_fused, resolve_backend
 
-__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'FUSE_MIN_BYTES']
+__all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'STAGE_WIDTHS', 'FUSE_MIN_BYTES', 'check_involution_args',
+           'timm_small_input_stem']
 
 # blocks per stage, by depth
 DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
@@ -33,6 +40,37 @@ DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
     101: (3, 4, 23, 3),
     152: (3, 8, 36, 3),
 }
+
+# the bottlenecks' mid widths (the involutions' channel counts), by stage
+STAGE_WIDTHS: Tuple[int, int, int, int] = (64, 128, 256, 512)
+
+
+def _divisors(n: int) -> Tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def check_involution_args(kernel_size: int = 7, group_channels: int = 16, reduction_ratio: int = 4,
+                          dilation: int = 1, widths: Tuple[int, ...] = STAGE_WIDTHS, prefix: str = '') -> None:
+    """Raise ``ValueError`` naming the key and its valid values for involution hyperparameters that cannot
+    build a layer of every width in ``widths``.
+
+    ``prefix`` is put before each key in the message (``'model.'`` for the Hydra config).
+    """
+    common = math.gcd(*widths)
+    valid = ', '.join(map(str, _divisors(common)))
+    width_list = ', '.join(map(str, widths))
+    checks = (
+        ('kernel_size', kernel_size, kernel_size >= 1 and kernel_size % 2 == 1,
+         'an odd number >= 1 (the paper ablates 3, 5, 7, 9)'),
+        ('group_channels', group_channels, group_channels >= 1 and common % group_channels == 0,
+         f'one of {valid} (it must divide every involution width: {width_list})'),
+        ('reduction_ratio', reduction_ratio, reduction_ratio >= 1 and common % reduction_ratio == 0,
+         f'one of {valid} (it must divide every involution width: {width_list})'),
+        ('dilation', dilation, dilation >= 1, 'an integer >= 1'),
+    )
+    for key, value, ok, valid_values in checks:
+        if not isinstance(value, int) or isinstance(value, bool) or not ok:
+            raise ValueError(f'{prefix}{key}={value!r} is not valid: use {valid_values}')
 
 # fuse_span=None fuses the span conv into the aggregation where the layer's kernel map (N * K*K*G * H_out * W_out
 # values, in float32 or wider) would take at least this many bytes: where it no longer stays in the last-level
@@ -45,8 +83,15 @@ FUSE_MIN_BYTES = {'native': 16 << 20, 'cpp': 32 << 20}
 class Involution(nn.Module):
     """Involution layer: per-pixel kernels generated from the input, shared across a group's channels.
 
-    Kernel generation (official): optional ``AvgPool2d(stride)`` -> 1x1 conv C -> C/4 (no bias) + BN + ReLU
-    -> 1x1 conv C/4 -> K*K*G (bias). Aggregation: :func:`rednet.ops.involution`.
+    Kernel generation (official): optional ``AvgPool2d(stride)`` -> 1x1 conv C -> C/r (no bias) + BN + ReLU
+    -> 1x1 conv C/r -> K*K*G (bias), with G = C / ``group_channels`` groups and r = ``reduction_ratio``
+    (official: 16 and 4). Aggregation: :func:`rednet.ops.involution`, with ``dilation`` and the "same" padding
+    ``dilation * (K - 1) // 2``, so the output is ``ceil(H / stride) x ceil(W / stride)`` for every K and
+    dilation. Parameters: C*C/r + 2*C/r (reduce conv, BN) + (C/r)*K*K*G + K*K*G (span conv, bias).
+
+    Unlike a convolution it keeps the channel count (C in, C out) and has no padding argument; the stride
+    comes through the kernel generator's average pooling. As a drop-in for a KxK conv with equal in/out
+    channels: ``nn.Conv2d(c, c, 3, stride, 1)`` -> ``Involution(c, 7, stride)``.
 
     ``fuse_span``: with the ``native`` or ``cpp`` backend in eager mode the last conv can be fused into the
     aggregation (:func:`rednet.ops.involution_fused`): the K*K*G-channel kernel map (3x the feature map) is never
@@ -69,15 +114,19 @@ class Involution(nn.Module):
             stride: int = 1,
             group_channels: int = 16,
             reduction_ratio: int = 4,
+            dilation: int = 1,
             backend: str = 'auto',
             fuse_span: Optional[bool] = None,
     ):
         super().__init__()
-        if channels % group_channels:
-            raise ValueError(f'Involution: channels ({channels}) must be a multiple of group_channels '
-                             f'({group_channels})')
+        check_involution_args(kernel_size, group_channels, reduction_ratio, dilation, (channels,))
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f'stride={stride!r} is not valid: use an integer >= 1')
         self.kernel_size = kernel_size
         self.stride = stride
+        self.dilation = dilation
+        self.group_channels = group_channels
+        self.reduction_ratio = reduction_ratio
         self.groups = channels // group_channels
         self.backend = backend
         # ceil_mode=True equals the official AvgPool2d(s, s) on even sizes and keeps one kernel per output
@@ -105,6 +154,8 @@ class Involution(nn.Module):
         backend = self._fused_backend(x)
         if backend is None or self.fuse_span:
             return backend
+        if x.device.type != 'cpu':  # FUSE_MIN_BYTES was measured on a CPU; on GPUs fusing was not measured to pay
+            return None
         kmap_bytes = r.shape[0] * self.span.out_channels * r.shape[-2] * r.shape[-1] * max(4, x.element_size())
         return backend if kmap_bytes >= FUSE_MIN_BYTES[backend] else None
 
@@ -113,15 +164,19 @@ class Involution(nn.Module):
         fused_backend = self._fuse(x, r)
         if fused_backend:
             return involution_fused(x, r, self.span.weight, self.span.bias, self.kernel_size, self.stride,
-                                    backend=fused_backend)
+                                    dilation=self.dilation, backend=fused_backend)
         weight = self.span(r)
         n, _, h, w = weight.shape
         weight = weight.view(n, self.groups, self.kernel_size, self.kernel_size, h, w)
-        return involution(x, weight, stride=self.stride, backend=self.backend)
+        return involution(x, weight, stride=self.stride, dilation=self.dilation, backend=self.backend)
 
 
 class Bottleneck(nn.Module):
-    """1x1 conv -> 7x7 involution (carrying the stride) -> 1x1 conv, plus shortcut."""
+    """1x1 conv -> 7x7 involution (carrying the stride) -> 1x1 conv, plus shortcut.
+
+    ``involution_args``: further :class:`Involution` arguments (``group_channels``, ``reduction_ratio``,
+    ``dilation``).
+    """
     expansion = 4
 
     def __init__(
@@ -131,13 +186,15 @@ class Bottleneck(nn.Module):
             stride: int = 1,
             kernel_size: int = 7,
             involution_backend: str = 'auto',
+            drop_path: float = 0.0,
+            **involution_args: Any,
     ):
         super().__init__()
         out_chs = mid_chs * self.expansion
         self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid_chs)
         self.act1 = nn.ReLU(inplace=True)
-        self.inv = Involution(mid_chs, kernel_size, stride, backend=involution_backend)
+        self.inv = Involution(mid_chs, kernel_size, stride, backend=involution_backend, **involution_args)
         self.bn2 = nn.BatchNorm2d(mid_chs)
         self.act2 = nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
@@ -148,6 +205,7 @@ class Bottleneck(nn.Module):
                 nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_chs),
             )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # stochastic depth
         self.act3 = nn.ReLU(inplace=True)
 
     def zero_init_last(self) -> None:
@@ -159,7 +217,7 @@ class Bottleneck(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.inv(x)))
         x = self.bn3(self.conv3(x))
-        return self.act3(x + shortcut)
+        return self.act3(self.drop_path(x) + shortcut)
 
 
 class Stem(nn.Module):
@@ -195,10 +253,15 @@ class RedNet(nn.Module):
             stem_kernel_size: int = 3,
             small_input: bool = False,
             kernel_size: int = 7,
+            group_channels: int = 16,
+            reduction_ratio: int = 4,
+            dilation: int = 1,
             global_pool: str = 'avg',
             involution_backend: str = 'auto',
             fuse_span: Optional[bool] = None,
             zero_init_last: bool = True,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
     ):
         """
         Args:
@@ -207,17 +270,30 @@ class RedNet(nn.Module):
             in_chans: input image channels.
             stem_kernel_size: kernel of the stem's involution, 3 (classification) or 7 (detection variant).
             small_input: stem for 32x32 images: stride-1 first conv and no max-pool (overall stride 8).
-            kernel_size: kernel of the bottlenecks' involutions.
+            kernel_size: kernel of the bottlenecks' involutions (odd; the paper ablates 3, 5, 7, 9).
+            group_channels: channels per group of the bottlenecks' involutions (G = C / group_channels kernels
+                per pixel); must divide every stage width 64, 128, 256, 512.
+            reduction_ratio: the kernel generators' reduction (C -> C / reduction_ratio -> K*K*G); must divide 64.
+            dilation: spacing of the bottlenecks' involution taps, with "same" padding ``dilation * (K - 1) // 2``.
             global_pool: timm pooling type of the head.
             involution_backend: backend of :func:`rednet.ops.involution` used by every involution.
             fuse_span: fuse each involution's span conv into the native/cpp aggregation: ``None`` where the
                 kernel map would outgrow the cache, ``True`` everywhere (least memory), ``False`` nowhere
                 (see :class:`Involution`).
             zero_init_last: zero-initialise the last BN of every residual branch.
+            drop_rate: dropout before the classifier (training only).
+            drop_path_rate: stochastic depth of the residual branches, rising linearly from 0 at the first block
+                to ``drop_path_rate`` at the last (timm's ResNet rule).
         """
         super().__init__()
+        check_involution_args(kernel_size, group_channels, reduction_ratio, dilation)
+        if not isinstance(stem_kernel_size, int) or stem_kernel_size < 1 or stem_kernel_size % 2 == 0:
+            raise ValueError(f'stem_kernel_size={stem_kernel_size!r} is not valid: use an odd number '
+                             f'(official: 3; 7 for the detection variant)')
+        inv_args = dict(group_channels=group_channels, reduction_ratio=reduction_ratio, dilation=dilation)
         self.num_classes = num_classes
         self.small_input = small_input
+        self.drop_rate = drop_rate
         self.grad_checkpointing = False
         stem_stride = 1 if small_input else 2
         self.stem = Stem(in_chans, 64, stem_kernel_size, stem_stride, involution_backend)
@@ -225,13 +301,17 @@ class RedNet(nn.Module):
         self.feature_info = [dict(num_chs=64, reduction=stem_stride, module='stem')]
 
         in_chs, reduction = 64, stem_stride * (1 if small_input else 2)
-        for i, (num_blocks, mid_chs) in enumerate(zip(layers, (64, 128, 256, 512))):
+        block_idx, num_blocks_total = 0, sum(layers)
+        for i, (num_blocks, mid_chs) in enumerate(zip(layers, STAGE_WIDTHS)):
             stride = 1 if i == 0 else 2
             reduction *= stride
             blocks = []
             for j in range(num_blocks):
-                blocks.append(Bottleneck(in_chs, mid_chs, stride if j == 0 else 1, kernel_size, involution_backend))
+                drop_path = drop_path_rate * block_idx / max(num_blocks_total - 1, 1)
+                blocks.append(Bottleneck(in_chs, mid_chs, stride if j == 0 else 1, kernel_size, involution_backend,
+                                         drop_path, **inv_args))
                 in_chs = mid_chs * Bottleneck.expansion
+                block_idx += 1
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'layer{i + 1}'))
 
@@ -298,12 +378,79 @@ class RedNet(nn.Module):
             x = stage(x)
         return x
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's intermediate-feature API: the stem output (index 0) and the four stages (1-4), as in
+        ``feature_info``. ``indices``: the last n if an int, all if None, else those listed; ``norm`` is accepted
+        for the API (RedNet has no final norm); ``stop_early`` skips the stages after the last one taken."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(5, indices)
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        if stop_early:
+            stages = stages[:max_index]
+        for idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and the head) that the intermediates at ``indices`` do not need; returns the
+        indices kept."""
+        take_indices, max_index = feature_take_indices(5, indices)
+        for i in range(max_index + 1, 5):
+            setattr(self, f'layer{i}', nn.Sequential())  # empty: passes its input through, as timm does
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if max_index < 4:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < 4:
+            self.reset_classifier(0, '')
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def timm_small_input_stem(model: nn.Module) -> nn.Module:
+    """Give a timm ResNet (``resnet26``, ``resnet50`` ...) the stem RedNet's ``small_input=True`` uses for 32x32
+    images: a 3x3 stride-1 first conv and no max-pool. ``train.py`` and :func:`rednet.load_model` both use it, so
+    a baseline checkpoint rebuilds itself."""
+    if not (isinstance(getattr(model, 'conv1', None), nn.Conv2d) and hasattr(model, 'maxpool')):
+        raise ValueError(f'small_input is only implemented for RedNet and timm ResNets (a Conv2d conv1 and a '
+                         f'maxpool), not {type(model).__name__}')
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RedNet) -> Dict[str, torch.Tensor]:

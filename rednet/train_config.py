@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 __all__ = ['ModelConfig', 'DataConfig', 'OptimizerConfig', 'ScheduleConfig', 'TrainSection', 'Config',
-           'register_schema', 'check_overrides']
+           'register_schema', 'check_overrides', 'INVOLUTION_KEYS', 'check_involution_config',
+           'check_involution_overrides']
 
 
 @dataclass
@@ -19,10 +20,59 @@ class ModelConfig:
     name: str = 'rednet50'                    # timm model name (rednet26 ... rednet152, resnet50, ...)
     small_input: Optional[bool] = None        # 32x32 stem; null = automatic: on when data.img_size <= 64
     stem_kernel_size: int = 3                 # RedNet stem involution kernel (7 = detection variant)
+    kernel_size: int = 7                      # RedNet bottleneck involutions: kernel (odd)
+    group_channels: int = 16                  # ... channels per group (divides 64: 1, 2, 4, ..., 64)
+    reduction_ratio: int = 4                  # ... kernel generator reduction C -> C / r (divides 64)
+    dilation: int = 1                         # ... tap spacing ("same" padding)
     involution_backend: str = 'auto'          # rednet.ops backend used by every involution
     fuse_span: Optional[bool] = None          # span conv fused into the CPU aggregation; null = where it pays
     pretrained: Optional[str] = None          # path of weights to start from (any format rednet.load_model reads)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+# the RedNet bottleneck involution keys of ModelConfig, passed to timm.create_model as they are
+INVOLUTION_KEYS = ('kernel_size', 'group_channels', 'reduction_ratio', 'dilation')
+
+
+def check_involution_config(model: Any) -> Optional[str]:
+    """A message naming the key and its valid values when ``model.kernel_size`` ... cannot build the RedNet, or
+    when they are changed for a model that has no involutions (a timm baseline); else None."""
+    if str(model.name).startswith('rednet'):
+        from .model import check_involution_args
+        try:
+            check_involution_args(**{k: model[k] for k in INVOLUTION_KEYS}, prefix='model.')
+        except ValueError as e:
+            return str(e)
+        return None
+    changed = [f'model.{k}={model[k]}' for k in INVOLUTION_KEYS if model[k] != getattr(ModelConfig, k)]
+    if changed:
+        return f'{", ".join(changed)}: the involution settings apply only to RedNet models, not {model.name}'
+    return None
+
+
+def check_involution_overrides(overrides: List[str]) -> Optional[str]:
+    """Every value the command line gives ``model.kernel_size`` ... (sweeps such as ``3,5,7`` or ``range(3,10,2)``
+    included), checked before Hydra runs anything: a multirun with one bad value fails before its first job."""
+    keys = {f'model.{k}' for k in INVOLUTION_KEYS}
+    wanted = [item for item in overrides if item.split('=', 1)[0].lstrip('+~') in keys and '=' in item]
+    if not wanted:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from .model import check_involution_args
+    try:
+        parsed = OverridesParser.create().parse_overrides(wanted)
+        jobs = [(o.key_or_group, list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()])
+                for o in parsed]
+    except (HydraException, ValueError, TypeError):
+        return None  # a syntax Hydra reports itself, or a sweep without a finite list of values
+    for key, values in jobs:
+        for value in values:
+            try:
+                check_involution_args(**{key.split('.', 1)[1]: value}, prefix='model.')
+            except ValueError as e:
+                return str(e)
+    return None
 
 
 @dataclass
@@ -103,10 +153,10 @@ class TrainSection:
     sync_bn: bool = False
     skip_nonfinite: bool = False              # skip steps whose loss is NaN/inf instead of stopping
     eval_every: int = 1                       # validate every N epochs (and always after the last)
-    log_every: int = 20                       # TensorBoard step-scalar interval (optimizer steps)
+    log_every: int = 20                       # optimizer steps between log lines (train.log) and step scalars
     dist_backend: Optional[str] = None        # null: nccl on CUDA, gloo on CPU
     save_best: bool = True
-    progress: bool = True                     # tqdm progress bar (rank 0)
+    progress: bool = True                     # tqdm progress bar (rank 0, only on a terminal)
 
 
 @dataclass

@@ -23,7 +23,10 @@ allocated before the measured call.
     python scripts/benchmark.py --ops-only --repeats 10
     python scripts/benchmark.py --device cuda --dtype bfloat16 --backends native,triton,reference
     python scripts/benchmark.py --backends reference,native,cpp,cpp-fused,cpp-unfused --bounds   # the README's
-    python scripts/benchmark.py --models-only --models rednet50,resnet50 --compile
+    python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends functional,cpp --compile
+        # what `auto` should run under torch.compile on the CPU (rednet.ops.COMPILE_AUTO), with compile times
+    python scripts/benchmark.py --device cuda --dtype bfloat16 --channels-last --models-only \
+        --models resnet50,rednet50 --backends functional,triton [--compile]    # the GPU comparison
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends cpp-fused,cpp-unfused
     python scripts/benchmark.py --models-only --models resnet50,rednet50 --backends native --bounds
     python scripts/benchmark.py --fuse-only          # one layer, span conv fused vs unfused (fuse_span's thresholds)
@@ -106,11 +109,25 @@ def fmt_mb(b: float) -> str:
     return f'{b / 2 ** 20:.1f}'
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device copy bandwidth in GB/s (read + write of a 256 MB tensor): the ceiling the kernels' GB/s
+    are compared with."""
+    src = torch.empty(64 << 20, device=device)
+    dst = torch.empty_like(src)
+    times = interleaved_times({'copy': lambda: dst.copy_(src)}, 5, device)['copy']
+    return 2 * src.numel() * src.element_size() / min(times) / 1e9
+
+
 def bench_ops(args, device, dtype, backends) -> None:
+    bw = copy_bandwidth(device)
     print(f'\n### Involution operator, K=7, G=C/16, {dtype_name(dtype)}, {device_desc(device)}\n')
+    print(f'GB/s: the bytes an operator must move at least (forward: x, kernel map, out; fwd+bwd: also grad_out, '
+          f'x and the kernel map again, grad_x, grad kernel map) over its best time; measured copy bandwidth '
+          f'{bw:.1f} GB/s.\n')
     print('| shape (N, C, H=W), stride | backend | forward ms (min) | fwd+bwd ms (min) | fwd speedup | fwd+bwd speedup '
-          '| fwd workspace MB | fwd+bwd workspace MB | fwd+bwd workspace / input |')
-    print('|---|---|---|---|---|---|---|---|---|')
+          '| fwd workspace MB | fwd+bwd workspace MB | fwd+bwd workspace / input | fwd GB/s | fwd+bwd GB/s '
+          '| fwd+bwd % of copy |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     k = 7
     for n, c, h, s in OP_SHAPES:
         g = c // 16
@@ -122,6 +139,8 @@ def bench_ops(args, device, dtype, backends) -> None:
         in_bytes = x.numel() * x.element_size()
         out_bytes = go.numel() * go.element_size()
         grads_bytes = in_bytes + w.numel() * w.element_size()
+        fwd_traffic = grads_bytes + out_bytes
+        fb_traffic = 3 * grads_bytes + 2 * out_bytes
 
         def fwd(b):
             with torch.no_grad():
@@ -139,7 +158,7 @@ def bench_ops(args, device, dtype, backends) -> None:
                 fwd(b)
                 usable.append(b)
             except (ValueError, RuntimeError) as e:
-                print(f'| {(n, c, h)}, {s} | {b} | n/a: {str(e)[:80]} | | | | | | |')
+                print(f'| {(n, c, h)}, {s} | {b} | n/a: {str(e)[:80]} | | | | | | | | | |')
         f_all = interleaved_times({b: (lambda b=b: fwd(b)) for b in usable}, args.repeats, device)
         fb_all = interleaved_times({b: (lambda b=b: fwd_bwd(b)) for b in usable}, args.repeats, device)
         f_times, fb_times = med(f_all), med(fb_all)
@@ -151,8 +170,9 @@ def bench_ops(args, device, dtype, backends) -> None:
             sp_fb = f'{ref_fb / fb_times[b]:.1f}x' if ref_fb else '-'
             print(f'| {(n, c, h)}, {s} | {b} | {f_times[b] * 1e3:.1f} ({min(f_all[b]) * 1e3:.1f}) '
                   f'| {fb_times[b] * 1e3:.1f} ({min(fb_all[b]) * 1e3:.1f}) | {sp_f} | {sp_fb} '
-                  f'| {fmt_mb(max(ws_f, 0))} | {fmt_mb(max(ws_fb, 0))} | {max(ws_fb, 0) / in_bytes:.2f} |',
-                  flush=True)
+                  f'| {fmt_mb(max(ws_f, 0))} | {fmt_mb(max(ws_fb, 0))} | {max(ws_fb, 0) / in_bytes:.2f} '
+                  f'| {fwd_traffic / min(f_all[b]) / 1e9:.1f} | {fb_traffic / min(fb_all[b]) / 1e9:.1f} '
+                  f'| {100 * fb_traffic / min(fb_all[b]) / 1e9 / bw:.0f}% |', flush=True)
         del x, w, go
         gc.collect()
 
@@ -300,8 +320,14 @@ def bench_models(args, device, dtype, backends) -> None:
                 return fwd(x)
 
         try:
+            t0 = time.time()
             train_step()
+            sync(device)
+            t1 = time.time()
             infer()
+            sync(device)
+            if args.compile:  # the first calls compile (train graph, then the eval graph)
+                print(f'(compile {key}: train {t1 - t0:.0f} s, inference {time.time() - t1:.0f} s)', flush=True)
         except (ValueError, RuntimeError) as e:
             print(f'(skipping {key}: {str(e)[:100]})')
             continue

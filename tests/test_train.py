@@ -55,7 +55,8 @@ def test_train_end_to_end_in_process(tmp_path):
                 'config'):
         assert key in last, key
     assert last['arch'] == 'rednet26' and last['epoch'] == 1 and last['step'] == 8
-    assert last['model_args'] == {'num_classes': 10, 'in_chans': 3, 'small_input': True, 'stem_kernel_size': 3}
+    assert last['model_args'] == {'num_classes': 10, 'in_chans': 3, 'small_input': True, 'stem_kernel_size': 3,
+                                  'kernel_size': 7, 'group_channels': 16, 'reduction_ratio': 4, 'dilation': 1}
     assert last['config']['train']['epochs'] == 2 and isinstance(last['rng'][0]['torch'], torch.Tensor)
     assert (run_dir / 'checkpoints' / 'best.pt').is_file()
     # rednet.load_model reads our checkpoints and gives the same outputs

@@ -9,14 +9,18 @@ Backends:
 - ``reference``: the unfold math of the official code (K*K copies of the input); ground truth for tests.
 - ``native``: pure PyTorch shift-and-add with a recomputing backward (:mod:`rednet.ops.native`); any device
   and dtype, autocast, channels_last, ``torch.compile`` and ONNX export.
+- ``functional``: the shift-and-add as plain tensor ops with plain autograd; under ``torch.compile`` the compiler
+  fuses the taps with their neighbours; ONNX export of every backend takes this form.
 - ``cpp``: hand-written C++ CPU kernels (:mod:`rednet.ops.cpp`), compiled on first use (about 20 s, cached);
   the K*K taps are summed in registers instead of one pass over memory each. CPU tensors, any float dtype.
 - ``triton``: fused Triton kernels (:mod:`rednet.ops.triton_kernels`) for CUDA tensors in float32/16/bf16
   (float64 too); runs on CPU tensors only under ``TRITON_INTERPRET=1`` (slow, for tests).
-- ``auto``: ``triton`` for CUDA tensors when Triton is importable and the dtype is supported; ``cpp`` for CPU
-  tensors when the C++ kernels build (faster than ``native`` at every RedNet-50 shape, see
-  ``scripts/benchmark.py``); else ``native`` (also inside ``torch.compile``, where native's functional form lets
-  the compiler fuse the taps into one loop). ``reference`` is never chosen automatically.
+- ``auto``: ``cpp`` for CPU tensors when the C++ kernels build, else ``native``; for CUDA tensors the Triton kernels
+  behind a self-check that falls back to ``native`` with a warning (:func:`rednet.ops.triton_kernels.safe_kernels`);
+  under ``torch.compile`` whatever :data:`COMPILE_AUTO` names for the device type. Never ``reference``.
+
+``cpp`` and ``triton`` (and ``auto``'s kernels) run as the registered operator ``torch.ops.rednet.involution``
+(:mod:`rednet.ops.library`), which ``torch.compile`` keeps as one node of its graph and ``torch.export`` exports.
 
 ``involution_fused(x, r, span_weight, span_bias, k, stride, padding, dilation, backend)`` computes
 ``involution(x, conv1x1(r, span_weight, span_bias).view(N, G, K, K, H_out, W_out))`` with the native or cpp
@@ -25,6 +29,7 @@ backend without materialising the kernel map (eager; falls back to the unfused m
 Under autocast (any device type) both inputs are cast to the autocast dtype first, like a convolution; the
 fast backends accumulate half-precision inputs in float32.
 """
+import warnings
 from typing import Optional
 
 import torch
@@ -32,13 +37,14 @@ import torch
 from . import cpp
 from .cpp import involution_cpp
 from .fused import involution_fused, involution_span_unfused
-from .native import involution_native
+from .native import involution_functional, involution_native
 from .reference import involution_reference
 
-__all__ = ['involution', 'involution_reference', 'involution_native', 'involution_cpp', 'involution_fused',
+__all__ = ['involution', 'involution_reference', 'involution_native', 'involution_functional', 'involution_cpp',
+           'involution_fused',
            'involution_span_unfused', 'output_size', 'BACKENDS', 'resolve_backend']
 
-BACKENDS = ('auto', 'reference', 'native', 'cpp', 'triton')
+BACKENDS = ('auto', 'reference', 'native', 'functional', 'cpp', 'triton')
 
 
 def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
@@ -105,11 +111,18 @@ def involution(
     backend = resolve_backend(backend, x)
     if backend == 'native':
         return involution_native(x, weight, stride, padding, dilation)
+    if backend == 'functional':
+        return involution_functional(x, weight, stride, padding, dilation)
     if backend == 'cpp':
         return involution_cpp(x, weight, stride, padding, dilation)
     if backend == 'triton':
         from .triton_kernels import involution_triton
         return involution_triton(x, weight, stride, padding, dilation)
+    if backend == 'kernels':  # auto on CUDA: Triton with the self-checked fallback to native
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return involution_functional(x, weight, stride, padding, dilation)
+        from .library import involution_op
+        return involution_op(x, weight, stride, padding, dilation, 'auto')
     return involution_reference(x, weight, stride, padding, dilation)
 
 
@@ -128,22 +141,22 @@ def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor):
     return x.to(dtype), weight.to(dtype)
 
 
+# what `auto` runs under torch.compile, per device type (measured, see docs/gpu.md and scripts/benchmark.py
+# --compile): 'functional' lets the compiler fuse the taps with their neighbours, 'kernels' keeps the
+# hand-written kernels as one opaque operator (cpp on CPU, Triton on CUDA)
+COMPILE_AUTO = {'cpu': 'functional', 'cuda': 'kernels'}
+_warned_no_triton = False
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend ``backend`` means for input ``x`` (``'auto'`` -> ``'triton'``, ``'cpp'`` or
-    ``'native'``).
+    """The concrete backend ``backend`` means for input ``x``: ``'auto'`` becomes ``'cpp'`` on CPU (where the C++
+    kernels build), ``'kernels'`` on CUDA (the Triton kernels behind their self-check, with ``native`` as the
+    fallback), ``'native'`` elsewhere; under ``torch.compile`` whichever :data:`COMPILE_AUTO` names for the device.
 
     An explicitly requested ``triton`` on an input it cannot run raises ``ValueError`` (never a wrong result).
     """
     if backend == 'auto':
-        if torch.compiler.is_compiling():
-            return 'native'
-        if x.device.type == 'cuda':
-            from . import triton_kernels
-            if triton_kernels.supports(x)[0]:
-                return 'triton'
-        if x.device.type == 'cpu' and x.is_floating_point() and cpp.available():
-            return 'cpp'
-        return 'native'
+        return _resolve_auto(x)
     if backend == 'triton':
         from . import triton_kernels
         ok, why = triton_kernels.supports(x)
@@ -151,3 +164,28 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
             raise ValueError(f'involution: the triton backend cannot run this input: {why}; '
                              f"use backend='native' (or 'auto', which falls back to it)")
     return backend
+
+
+def _resolve_auto(x: torch.Tensor) -> str:
+    dev = x.device.type
+    cpu_kernels = dev == 'cpu' and x.is_floating_point() and cpp.available()
+    if torch.compiler.is_compiling() and dev in COMPILE_AUTO:
+        choice = COMPILE_AUTO[dev]
+        if choice == 'functional' or (dev == 'cpu' and not cpu_kernels):
+            return 'functional'
+        return 'cpp' if dev == 'cpu' else _cuda_kernels(x)
+    if dev == 'cuda':
+        return _cuda_kernels(x)
+    return 'cpp' if cpu_kernels else 'native'
+
+
+def _cuda_kernels(x: torch.Tensor) -> str:
+    global _warned_no_triton
+    from . import triton_kernels
+    if not triton_kernels.available():
+        if not _warned_no_triton:
+            _warned_no_triton = True
+            warnings.warn("rednet: Triton is not installed, so the involution runs with the 'native' backend on "
+                          "CUDA (slower); pip install triton", RuntimeWarning, stacklevel=4)
+        return 'native'
+    return 'kernels' if triton_kernels.supports(x)[0] else 'native'

@@ -12,8 +12,9 @@ and this CPU's instruction set (the code is built for the machine it runs on). I
 falls back to ``native`` with a warning and an explicit ``backend='cpp'`` raises the compiler's message.
 
 Float32 and float64 run natively; float16/bfloat16 inputs are computed in float32 and cast back. Any memory
-format is accepted (inputs are made contiguous; the output keeps a channels_last input's layout). Under
-``torch.compile`` and ONNX export the op takes the ``native`` functional path instead.
+format is accepted (inputs are made contiguous; the output keeps a channels_last input's layout). The kernels run as
+the registered operator ``torch.ops.rednet.involution`` (:mod:`rednet.ops.library`), also inside ``torch.compile``
+and ``torch.export``; ONNX export takes the ``native`` functional path instead.
 """
 import hashlib
 import os
@@ -95,26 +96,23 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(_acc_dtype(t.dtype)).contiguous()
 
 
-class _CppInvolution(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int):
-        ctx.save_for_backward(x, weight)
-        ctx.geo = (stride, padding, dilation)
-        out = _ext.forward(_acc(x), _acc(weight), stride, padding, dilation)
-        return out.to(dtype=x.dtype, memory_format=_memory_format(x))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gw = _ext.backward(_acc(x), _acc(weight), _acc(grad_out), *ctx.geo, need_x, need_w)
-        gx = gx.to(dtype=x.dtype, memory_format=_memory_format(x)) if need_x else None
-        gw = gw.to(weight.dtype) if need_w else None
-        return gx, gw, None, None, None
+def forward(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """Forward kernel (the ``cpp`` kernel of ``torch.ops.rednet.involution``, :mod:`rednet.ops.library`)."""
+    out = _load().forward(_acc(x), _acc(weight), stride, padding, dilation)
+    return out.to(dtype=x.dtype, memory_format=_memory_format(x))
 
 
-def _require(x: torch.Tensor) -> None:
+def backward(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, stride: int, padding: int, dilation: int,
+             need_x: bool, need_w: bool):
+    """(grad_x or None, grad_weight or None)."""
+    gx, gw = _load().backward(_acc(x), _acc(weight), _acc(grad_out), stride, padding, dilation, need_x, need_w)
+    gx = gx.to(dtype=x.dtype, memory_format=_memory_format(x)) if need_x else None
+    gw = gw.to(weight.dtype) if need_w else None
+    return gx, gw
+
+
+def require(x: torch.Tensor) -> None:
+    """Raise a clear error unless the C++ kernels can run ``x``."""
     if x.device.type != 'cpu':
         raise ValueError(f"involution: the cpp backend runs on CPU tensors, not {x.device.type}; use "
                          f"backend='auto'")
@@ -125,17 +123,18 @@ def _require(x: torch.Tensor) -> None:
 
 def involution_cpp(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0,
                    dilation: int = 1) -> torch.Tensor:
-    """Involution with the ``cpp`` backend (arguments already checked by :func:`rednet.ops.involution`)."""
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
-            or torch.jit.is_scripting():
+    """Involution with the ``cpp`` backend (arguments already checked by :func:`rednet.ops.involution`): the
+    registered operator ``torch.ops.rednet.involution``, which ``torch.compile`` and ``torch.export`` keep."""
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return involution_functional(x, weight, stride, padding, dilation)
-    _require(x)
-    return _CppInvolution.apply(x, weight, stride, padding, dilation)
+    require(x)
+    from .library import involution_op
+    return involution_op(x, weight, stride, padding, dilation, 'cpp')
 
 
 def span_function(x: torch.Tensor):
     """The autograd Function of the fused span conv + involution (used by :func:`rednet.ops.involution_fused`)."""
-    _require(x)
+    require(x)
     return _CppSpanInvolution
 
 

@@ -160,7 +160,9 @@ def _backward_eager(x, r, w2, b2, grad_out, geo: _Geometry, g: int, need_x: bool
             if need_r:
                 wc = w2[rows].t().unsqueeze(0).expand(n1 - n0, -1, -1)  # (nb, Cr, gb*KK)
                 grs[n0:n1].baddbmm_(wc, gk)
-            if need_w:
+            if need_w and x.device.type != 'cpu':  # one launch for the whole chunk (= batch on CUDA)
+                gw2[rows] += torch.bmm(gk, rs[n0:n1].transpose(1, 2)).sum(0)
+            elif need_w:  # CPU: no (nb, gb*KK, Cr) temporary
                 for i in range(n1 - n0):
                     gw2[rows].addmm_(gk[i], rs[n0 + i].t())
             if need_b:

@@ -83,11 +83,14 @@ class _Geometry:
 def _chunks(n: int, g: int, unit_elems: int, x: torch.Tensor, acc: torch.dtype) -> List[Tuple[int, int, int, int]]:
     """Split the (sample, group) grid into blocks: (n0, n1, g0, g1).
 
-    ``unit_elems`` is the buffer size one (sample, group) unit needs. Bigger chunks mean fewer, longer kernel
+    ``unit_elems`` is the buffer size one (sample, group) unit needs. On the CPU: bigger chunks mean fewer, longer kernel
     calls: fewer Python dispatches and parallel regions (each one a thread barrier, costly when the cores are
     shared), while the chunk still lives in L3. The total is capped at ``_WORKSPACE_RATIO`` times the input's
-    size and at ``_CHUNK_BYTES``, but never below one unit.
+    size and at ``_CHUNK_BYTES``, but never below one unit. On other devices (CUDA) the whole (N, G) grid is one
+    chunk: the number of kernel launches per call is then K*K plus a few, whatever the batch.
     """
+    if x.device.type != 'cpu':  # accelerators: one chunk, so the launches per call do not grow with the batch
+        return [(0, n, 0, g)]
     esize = torch.empty((), dtype=acc).element_size()
     budget = min(_CHUNK_BYTES, max(_MIN_CHUNK_BYTES, int(_WORKSPACE_RATIO * x.numel() * esize)))
     units = max(1, budget // max(1, unit_elems * esize))
@@ -304,6 +307,23 @@ def _backward_functional(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.
         taps = [(view * go).sum(2) for _, view in _tap_views(xp, k, s, d, geo.h_out, geo.w_out)]
         gw = torch.stack(taps, dim=2).unflatten(2, (k, k))
     return gx, gw
+
+
+def _geometry(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> _Geometry:
+    _, _, h, w = x.shape
+    _, _, k, _, ho, wo = weight.shape
+    return _Geometry(h, w, k, stride, padding, dilation, ho, wo)
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """Eager forward (also the fallback kernel of ``torch.ops.rednet.involution`` on CUDA)."""
+    return _forward_eager(x, weight, _geometry(x, weight, stride, padding, dilation))
+
+
+def backward(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, stride: int, padding: int, dilation: int,
+             need_x: bool, need_w: bool):
+    """Eager (grad_x or None, grad_weight or None)."""
+    return _backward_eager(x, weight, grad_out, _geometry(x, weight, stride, padding, dilation), need_x, need_w)
 
 
 class _InvolutionFunction(torch.autograd.Function):

@@ -5,17 +5,27 @@ without Triton. They run on CUDA tensors; on CPU tensors only when ``TRITON_INTE
 Triton was imported (the interpreter: slow, used by the tests). Supported dtypes: float32, float16,
 bfloat16 (accumulated in float32) and float64. :func:`supports` says whether an input can run here; the
 ``auto`` backend uses it to fall back to ``native``.
+
+Safe fallback (``auto`` on CUDA, :func:`safe_kernels`): the first call for each (device, dtype, K, stride,
+dilation) runs the kernels forward and backward on a tiny input and compares them with ``native``; a compile,
+resource or launch error or a mismatch warns once, naming the error, and that key uses ``native`` from then on
+(as does any later error of a launch). An explicit ``backend='triton'`` skips all this and raises.
 """
+import contextlib
 import functools
 import os
-from typing import Tuple
+import warnings
+from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['involution_triton', 'supports', 'available']
+__all__ = ['involution_triton', 'supports', 'available', 'safe_kernels', 'forward', 'backward']
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_BLOCK_P = 64
+# self-check tolerance (relative to the largest magnitude) against native in float64, per dtype
+_CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# (device, dtype, K, stride, dilation) -> None when the kernels passed their self-check, else why they failed
+_verdicts: Dict[tuple, Optional[str]] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,16 +72,16 @@ def _strides(t: torch.Tensor):
     return tuple(t.stride())
 
 
-def _launch_args(x: torch.Tensor, weight: torch.Tensor):
-    n, c, h, w = x.shape
-    _, g, k, _, ho, wo = weight.shape
-    cg = c // g
-    block_c = max(1, triton_next_pow2(cg))
-    return n, c, h, w, g, k, ho, wo, cg, block_c
+def _block_c(cg: int) -> int:
+    return min(triton_next_pow2(cg), _impl().BLOCK_C_MAX)
 
 
 def triton_next_pow2(v: int) -> int:
     return 1 << (v - 1).bit_length() if v > 1 else 1
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 def _weight_strides(weight: torch.Tensor):
@@ -85,65 +95,137 @@ def _weight_strides(weight: torch.Tensor):
     return weight, (s[0], s[1], s[3], s[4], s[5])
 
 
-def _forward(x, weight, stride, padding, dilation):
+def _on_device(x: torch.Tensor):
+    """Launch on ``x``'s GPU, not the current one (a model on cuda:1 without ``torch.cuda.set_device``)."""
+    return torch.cuda.device(x.device) if x.device.type == 'cuda' else contextlib.nullcontext()
+
+
+def _grid(n_groups: int, rows: int, cols: int, blocks_c: int):
+    """All programs on axis 0 (2^31 - 1 allowed): (sample, group) x channel blocks x pixel tiles."""
+    return lambda meta: (n_groups * blocks_c * triton_cdiv(rows * cols, meta['BLOCK_P']),)
+
+
+def forward(x, weight, stride, padding, dilation):
+    """The forward kernel: out (N, C, H_out, W_out) in x's dtype and memory format."""
     impl = _impl()
-    n, c, h, w, g, k, ho, wo, cg, block_c = _launch_args(x, weight)
+    n, c, h, w = x.shape
+    _, g, k, _, ho, wo = weight.shape
+    cg, bc = c // g, _block_c(c // g)
     weight, ws = _weight_strides(weight)
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
     out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    grid = (triton_cdiv(ho * wo, _BLOCK_P), n * g)
-    impl._fwd_kernel[grid](x, weight, out, h, w, ho, wo, g, cg, *_strides(x), *ws, *_strides(out),
-                           K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=block_c, BLOCK_P=_BLOCK_P,
-                           ACC=_acc_dtype(x))
+    with _on_device(x):
+        impl._fwd_kernel[_grid(n * g, ho, wo, triton_cdiv(cg, bc))](
+            x, weight, out, h, w, ho, wo, g, cg, *x.stride(), *ws, *out.stride(),
+            K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=bc, ACC=_acc_dtype(x))
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def _backward(x, weight, grad_out, stride, padding, dilation, need_x, need_w):
+def backward(x, weight, grad_out, stride, padding, dilation, need_x, need_w):
+    """(grad_x or None, grad_weight or None)."""
     impl = _impl()
-    n, c, h, w, g, k, ho, wo, cg, block_c = _launch_args(x, weight)
+    n, c, h, w = x.shape
+    _, g, k, _, ho, wo = weight.shape
+    cg, bc = c // g, _block_c(c // g)
     weight, ws = _weight_strides(weight)
     acc = _acc_dtype(x)
     gx = gw = None
-    if need_x:
-        gx = torch.empty_like(x)
-        grid = (triton_cdiv(h * w, _BLOCK_P), n * g)
-        impl._bwd_x_kernel[grid](grad_out, weight, gx, h, w, ho, wo, g, cg, *_strides(grad_out), *ws,
-                                 *_strides(gx), K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=block_c,
-                                 BLOCK_P=_BLOCK_P, ACC=acc)
-    if need_w:
-        gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        _, gws = _weight_strides(gw)
-        grid = (triton_cdiv(ho * wo, _BLOCK_P), n * g)
-        impl._bwd_w_kernel[grid](x, grad_out, gw, h, w, ho, wo, g, cg, *_strides(x), *_strides(grad_out), *gws,
-                                 K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=block_c,
-                                 BLOCK_P=_BLOCK_P, ACC=acc)
+    with _on_device(x):
+        if need_x:
+            gx = torch.empty_like(x)
+            impl._bwd_x_kernel[_grid(n * g, h, w, triton_cdiv(cg, bc))](
+                grad_out, weight, gx, h, w, ho, wo, g, cg, *grad_out.stride(), *ws, *gx.stride(),
+                K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=bc, ACC=acc)
+        if need_w:
+            gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            _, gws = _weight_strides(gw)
+            impl._bwd_w_kernel[_grid(n * g, ho, wo, 1)](
+                x, grad_out, gw, h, w, ho, wo, g, cg, *x.stride(), *grad_out.stride(), *gws,
+                K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=bc, ACC=acc)
     return gx, gw
 
 
-class _TritonInvolution(torch.autograd.Function):
+def _self_check(x: torch.Tensor, k: int, stride: int, dilation: int) -> Optional[str]:
+    """Run forward and backward on a tiny input like ``x``'s; None if they match native (float64), else why not."""
+    from . import native
+    gen = torch.Generator().manual_seed(0)
+    n, g, cg, size = 2, 2, 3, 2 * k + 3  # odd sizes, a group width that is not a power of two
+    padding = dilation * (k - 1) // 2
+    ho = (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    x64 = torch.randn(n, g * cg, size, size, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(n, g, k, k, ho, ho, generator=gen, dtype=torch.float64)
+    go64 = torch.randn(n, g * cg, ho, ho, generator=gen, dtype=torch.float64)
+    xd, wd, god = (t.to(device=x.device, dtype=x.dtype) for t in (x64, w64, go64))
+    try:
+        got = (forward(xd, wd, stride, padding, dilation),) + backward(xd, wd, god, stride, padding, dilation,
+                                                                        True, True)
+        xr, wr, gor = (t.double() for t in (xd, wd, god))  # the rounded inputs, in float64
+        want = (native.forward(xr, wr, stride, padding, dilation),) + native.backward(
+            xr, wr, gor, stride, padding, dilation, True, True)
+        for name, a, b in zip(('forward', 'grad_x', 'grad_weight'), got, want):
+            err = float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+            if not err <= _CHECK_TOL[x.dtype]:
+                return f'{name} differs from native by {err:.3g} (relative; tolerance {_CHECK_TOL[x.dtype]:g})'
+    except Exception as e:  # compile, resource or launch error
+        return f'{type(e).__name__}: {str(e).strip()[:500]}'
+    return None
 
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation):
-        ctx.save_for_backward(x, weight)
-        ctx.args = (stride, padding, dilation)
-        return _forward(x, weight, stride, padding, dilation)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        gx, gw = _backward(x, weight, grad_out, *ctx.args, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gx, gw, None, None, None
+def _fail(key: tuple, why: str) -> None:
+    _verdicts[key] = why
+    warnings.warn(f'rednet: the Triton involution kernels failed for {key[1]} K={key[2]} stride={key[3]} '
+                  f'dilation={key[4]} on {key[0]} ({why}); falling back to the native backend for them. '
+                  f"backend='triton' raises instead.", RuntimeWarning, stacklevel=3)
+
+
+class _Safe:
+    """Triton kernels that fall back to ``native`` (warning once) on any error of a later launch."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+
+    def forward(self, *args):
+        return self._call('forward', *args)
+
+    def backward(self, *args):
+        return self._call('backward', *args)
+
+    def _call(self, name, *args):
+        from . import native
+        if _verdicts.get(self.key) is None:
+            try:
+                return globals()[name](*args)
+            except Exception as e:
+                _fail(self.key, f'{type(e).__name__}: {str(e).strip()[:500]}')
+        return getattr(native, name)(*args)
+
+
+def safe_kernels(x: torch.Tensor, k: int, stride: int, dilation: int):
+    """Triton kernels that checked themselves for this (device, dtype, K, stride, dilation), else ``native``'s.
+
+    Without Triton (or for a dtype it does not run) this is ``native`` (a CUDA tensor without Triton warns once,
+    in :func:`rednet.ops.resolve_backend`).
+    """
+    from . import native
+    if not supports(x)[0]:
+        return native
+    key = (str(x.device), x.dtype, k, stride, dilation)
+    if key not in _verdicts:
+        why = _self_check(x, k, stride, dilation)
+        if why is None:
+            _verdicts[key] = None
+        else:
+            _fail(key, why)
+    return native if _verdicts[key] else _Safe(key)
 
 
 def involution_triton(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0,
                       dilation: int = 1) -> torch.Tensor:
-    """Involution with the Triton kernels (arguments already checked by :func:`rednet.ops.involution`)."""
+    """Involution with the Triton kernels (arguments already checked by :func:`rednet.ops.involution`), as the
+    registered operator ``torch.ops.rednet.involution`` (kept by ``torch.compile`` and ``torch.export``)."""
     ok, why = supports(x)
     if not ok:
         raise ValueError(f'involution: the triton backend cannot run this input: {why}')
-    return _TritonInvolution.apply(x, weight, stride, padding, dilation)
+    from .library import involution_op
+    return involution_op(x, weight, stride, padding, dilation, 'triton')
