@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
-import timm.utils
+import timm
 import torch
 import torch.nn as nn
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from timm.utils import random_seed  # by name: cloudpickle (submitit) chokes on `timm.utils.` beside `.deterministic`
 
 import rednet  # noqa: F401  (registers the RedNet models with timm)
 from rednet import data as rdata
@@ -94,7 +95,7 @@ def setup(cfg: DictConfig, run_dir: Optional[str] = None) -> Tuple[engine.DistIn
     # all processes use rank 0's run directory (hydra.run.dir may contain ${now:...})
     run_dir = Path(engine.broadcast_object(run_dir or HydraConfig.get().runtime.output_dir))
     engine.set_deterministic(cfg.train.deterministic)
-    timm.utils.random_seed(cfg.train.seed, info.rank)
+    random_seed(cfg.train.seed, info.rank)
     return info, run_dir
 
 

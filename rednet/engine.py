@@ -457,16 +457,15 @@ class _StepSums:
         z = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
         self.loss, self.group_loss, self.bad = z(torch.float64), z(torch.float64), z(torch.bool)
         self.one, self.zero = torch.ones((), device=device), torch.zeros((), device=device)
-        self.images, self.group_images, self.skipped_images = 0, 0, torch.zeros((), dtype=torch.int64,
-                                                                                 device=device)
+        self.images, self.group_images, self.skipped_images = 0, 0, 0  # host counts (known without syncs)
 
     def add(self, loss: torch.Tensor, n: int, skipped: Optional[torch.Tensor]) -> None:
         loss = loss.detach().double()
         self.bad |= ~torch.isfinite(loss)
         self.group_loss += loss * n
         self.group_images += n
-        if skipped is not None:
-            self.skipped_images += skipped.to(self.skipped_images.device)
+        if skipped is not None:  # a CPU tensor from the loader: reading it waits for no device
+            self.skipped_images += int(skipped)
 
     def flags(self, stop: bool) -> torch.Tensor:
         """[any micro-batch of the step non-finite, SIGTERM seen]: the one small all-reduce of a step."""
@@ -685,8 +684,8 @@ def train_one_epoch(
     finally:
         steplog.end_epoch()
     elapsed = time.perf_counter() - start
-    totals = torch.stack([sums.loss, torch.tensor(float(sums.images), dtype=torch.float64, device=device),
-                          sums.skipped_images.double()])
+    counts = torch.tensor([sums.images, sums.skipped_images], dtype=torch.float64, device=device)
+    totals = torch.cat([sums.loss.view(1), counts])
     loss_sum, count, skipped_images = reduce_tensor_sum(totals).tolist()
     return dict(loss=loss_sum / max(count, 1), images=int(count), time=elapsed,
                 img_per_sec=count / max(elapsed, 1e-9), lr=lr, global_step=global_step, batches_done=batch_idx,
@@ -703,7 +702,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: Opti
     ``skipped_images``: unreadable images the loader left out (``data.bad_images=skip``).
     """
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, skipped images
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+    skipped_images = 0  # host count: the loader's CPU tensors are read without waiting for the device
     it = loader
     if progress:
         from tqdm import tqdm
@@ -719,10 +719,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: Opti
         sums[1:3] += _hits(output, target, (1, 5))
         sums[3] += images.shape[0]
         if skipped is not None:
-            sums[4] += skipped.to(device)
+            skipped_images += int(skipped)
     elapsed = time.perf_counter() - start
     world = dist.get_world_size() if _dist_on() else 1
-    sums = torch.cat([sums, torch.tensor([elapsed], dtype=torch.float64, device=device)])
+    sums = torch.cat([sums, torch.tensor([skipped_images, elapsed], dtype=torch.float64, device=device)])
     loss_sum, top1, top5, count, skipped, elapsed = reduce_tensor_sum(sums).tolist()
     elapsed /= world  # mean time of the processes, which ran in parallel
     n = max(count, 1)

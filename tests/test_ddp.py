@@ -106,10 +106,17 @@ def test_logged_validation_is_that_of_the_saved_checkpoint(reference, tmp_path):
     assert result['images'] == row['val_images'] == 23
     assert result['top1'] == row['val_top1']
     assert result['loss'] == pytest.approx(row['val_loss'], rel=1e-5)
+    # the EMA weights, evaluated in this process the way eval.py does (one eval.py run is enough)
+    import rednet
+    from rednet import data as rdata
+    from rednet.engine import evaluate
     ckpt = _load(run_dir / 'checkpoints' / 'last.pt')
     torch.save({**ckpt, 'model': ckpt['ema']}, tmp_path / 'ema.pt')
-    ema = _eval(tmp_path / 'ema.pt', tmp_path / 'eval_ema')
-    assert ema['top1'] == row['val_top1_ema']
+    model = rednet.load_model(tmp_path / 'ema.pt', involution_backend='native')
+    val = rdata.build_dataset(dict(name='synthetic', img_size=16, val_size=23, num_classes=10, mean=[0.5] * 3,
+                                   std=[0.5] * 3), train=False)  # configs/data/synthetic.yaml
+    ema = evaluate(model, rdata.build_loader(val, 7, False), torch.device('cpu'))
+    assert ema['images'] == 23 and ema['top1'] == row['val_top1_ema']
     assert ema['loss'] == pytest.approx(row['val_loss_ema'], rel=1e-5)
 
 
