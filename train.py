@@ -11,6 +11,7 @@ schedule, loss, resume, then the epoch loop (train, evaluate, log, checkpoint). 
 ``rednet/engine.py``, data sets and transforms in ``rednet/data.py``, the config schema in
 ``rednet/train_config.py``.
 """
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -205,16 +206,29 @@ def build_loss(cfg: DictConfig, num_classes: int):
 # ---------------------------------------------------------------------------------------------------------
 # 6. checkpoints and resume
 
-def save_checkpoint(path: Path, state: Dict[str, Any], info: engine.DistInfo) -> None:
-    """Gather every process's RNG state, then rank 0 writes ``path`` atomically."""
-    rng = engine.capture_rng_state()
+def params_digest(model: nn.Module) -> str:
+    """SHA-256 of the parameters' bytes: data-parallel processes must hold identical weights."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any], info: engine.DistInfo, model: nn.Module) -> None:
+    """Gather every process's RNG state and weights digest, then rank 0 writes ``path`` atomically (with a
+    warning if the processes' weights differ, which DDP's gradient averaging should make impossible)."""
+    mine = (engine.capture_rng_state(), params_digest(model))
     if info.distributed:
-        rngs = [None] * info.world_size
-        torch.distributed.all_gather_object(rngs, rng)
+        gathered = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, mine)
     else:
-        rngs = [rng]
+        gathered = [mine]
+    rngs, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+    if len(set(digests)) > 1:
+        warnings.warn(f'the {info.world_size} processes hold different weights (parameter digests '
+                      f'{", ".join(d[:12] for d in digests)}); gradients were not averaged across them')
     if info.is_main:
-        engine.atomic_save({**state, 'rng': rngs}, str(path))
+        engine.atomic_save({**state, 'rng': rngs, 'params_digests': digests}, str(path))
 
 
 def checkpoint_state(model, arch, model_args, optimizer, scheduler, scaler, ema, cfg, epoch: int,
@@ -365,7 +379,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 log_every=cfg.train.log_every, progress=cfg.train.progress and info.is_main)
             step = stats['global_step']
             if stats['interrupted']:
-                save_checkpoint(last_path, state(epoch, False, stats['batches_done']), info)
+                save_checkpoint(last_path, state(epoch, False, stats['batches_done']), info, model)
                 log(f'SIGTERM: stopped at epoch {epoch}, step {step}; saved {last_path}. Continue with the same '
                     f'command plus train.resume=auto hydra.run.dir={run_dir}')
                 return {'interrupted': True, 'run_dir': str(run_dir), **metrics}
@@ -389,7 +403,7 @@ def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
                 val_images=val['images'] if val else None, best_top1=best_top1,
                 skipped_steps=stats['skipped_steps'], val_top1_ema=ema_val['top1'] if ema_val else None)
             log_epoch(writer, metrics_path, metrics)
-            save_checkpoint(last_path, state(epoch, True, 0, metrics), info)
+            save_checkpoint(last_path, state(epoch, True, 0, metrics), info, model)
             last_good = str(last_path)
             if is_best and cfg.train.save_best and info.is_main:
                 engine.atomic_link_or_copy(str(last_path), str(ckpt_dir / 'best.pt'))

@@ -26,13 +26,14 @@ def compose(overrides: Optional[List[str]] = None):
         return hydra_compose(config_name='train', overrides=list(overrides or []))
 
 
-def run_train(args: List[str], env: Optional[dict] = None, torchrun: int = 0, timeout: int = 300):
+def run_train(args: List[str], env: Optional[dict] = None, torchrun: int = 0, timeout: int = 300,
+              script: str = 'train.py'):
     """Run ``train.py`` (or ``torchrun --nproc_per_node=N train.py``) from the repository root."""
     full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
     full_env.pop('_REDNET_FAULT', None) if not env or '_REDNET_FAULT' not in env else None
     if torchrun:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',
-               'train.py', *args]
+               script, *args]
     else:
-        cmd = [sys.executable, 'train.py', *args]
+        cmd = [sys.executable, script, *args]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,5 +1,6 @@
 """The training loop end to end on tiny data: logs, checkpoints, exact resume after SIGKILL, SIGTERM,
 non-finite losses, atomic saves, 2-process gloo DDP."""
+import hashlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import timm
 import torch
 
 from _train_utils import REPO, TINY, compose, run_train
@@ -211,6 +213,29 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert not any(k.startswith('module.') for k in ckpt['model'])
     assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
     assert 'lr 0.0125 for global batch 32' in r.stdout  # 0.1 x 32 / 256
+    # gradient averaging keeps the two processes' weights identical, bit for bit, and they are the saved ones
+    assert ckpt['params_digests'][0] == ckpt['params_digests'][1] == _params_sha256(ckpt['model'])
+    assert 'hold different weights' not in r.stderr
+
+
+def _params_sha256(state_dict):
+    names = [n for n, _ in timm.create_model('rednet26', num_classes=10, small_input=True).named_parameters()]
+    h = hashlib.sha256()
+    for n in names:
+        h.update(state_dict[n].contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def test_ddp_without_gradient_averaging_diverges(tmp_path):
+    """The negative control: with DDP's all-reduce replaced by a hook that keeps local gradients, the processes
+    (which see different batches) end with different weights, and the run says so."""
+    run_dir = tmp_path / 'run'
+    r = run_train(TINY + ['train.epochs=1', 'data.train_size=32', 'data.val_size=8', f'hydra.run.dir={run_dir}'],
+                  torchrun=2, script='tests/_ddp_no_average.py')
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ckpt['params_digests'][0] == _params_sha256(ckpt['model']) != ckpt['params_digests'][1]
+    assert 'the 2 processes hold different weights' in r.stderr
 
 
 def test_train_on_an_image_folder_with_a_bad_image(tmp_path):
