@@ -155,13 +155,28 @@ def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
 
 
 def test_evaluate_under_bf16_autocast():
+    """evaluate() against a hand computation in float32, and under bf16 autocast close to it; the head is random
+    and large, so the loss is far from the ln 3 of an untrained head and the predictions vary."""
+    import math
     import timm
-    model = timm.create_model('rednet26', num_classes=3, small_input=True, involution_backend='native')
-    data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))]
+    torch.manual_seed(0)
+    model = timm.create_model('rednet26', num_classes=3, small_input=True, involution_backend='native').eval()
+    x, y = torch.randn(8, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    with torch.no_grad():  # a large random head on centred features
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.nn.init.normal_(model.fc.weight, std=3.0 / float(feats.std(0).norm()))
+        model.fc.bias.copy_(-model.fc.weight @ feats.mean(0))
+        logits = model(x)
+    want_loss = float(torch.nn.functional.cross_entropy(logits, y))
+    want_top1 = 100.0 * float((logits.argmax(1) == y).double().mean())
+    assert abs(want_loss - math.log(3)) > 0.3 and len(set(logits.argmax(1).tolist())) > 1
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]  # two batches of different sizes: per-sample averaging
     fp32 = engine.evaluate(model, data, torch.device('cpu'))
+    assert fp32['images'] == 8 and fp32['top5'] == 100.0
+    assert fp32['loss'] == pytest.approx(want_loss, rel=1e-5) and fp32['top1'] == pytest.approx(want_top1)
     bf16 = engine.evaluate(model, data, torch.device('cpu'), amp='bf16', channels_last=True)
-    assert fp32['images'] == bf16['images'] == 4
-    assert bf16['loss'] == pytest.approx(fp32['loss'], rel=0.05)
+    assert bf16['images'] == 8 and bf16['loss'] != fp32['loss']  # it did run in bf16
+    assert bf16['loss'] == pytest.approx(want_loss, rel=0.05)
 
 
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
