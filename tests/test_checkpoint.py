@@ -11,6 +11,7 @@ import rednet
 from rednet.checkpoint import CheckpointError
 from official_reference import official_forward, official_state_dict, save_pdparams, to_paddle
 
+# entry counts of the authors' released files (/work/shared/spec/official-checkpoints.md), not of our helper
 OFFICIAL_KEY_COUNTS = {26: 251, 38: 351, 50: 451, 101: 876, 152: 1301}
 
 
