@@ -65,9 +65,23 @@ def _assert_close(got, want, **tol):
         torch.testing.assert_close(a, b, msg=lambda m: f'{name}: {m}', **tol)
 
 
+@pytest.fixture
+def nan_filled_empty():
+    """``torch.empty`` returns NaN-filled memory (deterministic mode), so an output element a kernel forgets to
+    write shows up as NaN instead of whatever zeros the allocator happened to hand out."""
+    import torch.utils.deterministic
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.utils.deterministic.fill_uninitialized_memory = state[2]
+
+
 @pytest.mark.parametrize('backend', FAST)
 @pytest.mark.parametrize('case', CASES, ids=_ids)
-def test_fast_matches_reference_float64(case, backend):
+def test_fast_matches_reference_float64(case, backend, nan_filled_empty):
     x, weight, grad_out, kw = _make(case)
     want = _run(x, weight, grad_out, kw, 'reference')
     got = _run(x, weight, grad_out, kw, backend)
