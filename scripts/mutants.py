@@ -67,6 +67,14 @@ MUTANTS = [
            '    if not geo.covers_input:\n        gxc.zero_()', '    if False:\n        gxc.zero_()',
            ['tests/test_ops.py::test_fast_matches_reference_float64[n1c4_7x7_g1_k3_s3_d1_p0-native]',
             'tests/test_ops.py::test_fast_matches_reference_float64[n2c4_9x11_g2_k3_s4_d1_p0-native]']),
+    # ops
+    Mutant('native: the forward drops the second tap', 'rednet/ops/native.py',
+           '        for t in range(1, kk):\n            oq.addcmul_(xv[t], wv[t])',
+           '        for t in range(2, kk):\n            oq.addcmul_(xv[t], wv[t])',
+           ['tests/test_ops.py::test_fast_matches_reference_float64[n2c8_7x9_g2_k3_s1_d1-native]']),
+    Mutant('cpp: the kernel-map gradient computed only when the input needs one', 'rednet/ops/cpp.py',
+           '*ctx.geo, need_x, need_w)', '*ctx.geo, need_x, need_x)',
+           ['tests/test_ops.py::test_fast_only_one_input_requires_grad[cpp]']),
     # engine
     Mutant('engine: warmup starts from (1 - warmup_ratio)', 'rednet/engine.py',
            '(1 - it / self.warmup_iters) * (1 - self.warmup_ratio)', '(1 - it / self.warmup_iters) * self.warmup_ratio',
