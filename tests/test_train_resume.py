@@ -3,7 +3,7 @@ momentum buffers of every parameter, the schedule, the logged metrics. With ``da
 draws from the main process's RNG, so its restore matters at an epoch boundary and mid-epoch; with
 ``data.workers=2`` the workers are seeded per epoch.
 
-(Mid-epoch with workers is covered with the per-sample seeding of the data loader.)
+Mid-epoch with ``data.workers>0`` is not here: it needs per-sample seeding of the loader workers (issue 10).
 """
 import json
 
