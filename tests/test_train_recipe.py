@@ -7,18 +7,12 @@ import pytest
 import timm
 import torch
 
-from _train_utils import TINY, compose
+from _train_utils import TINY, compose, restore_torch_globals, torch_globals_kept  # noqa: F401
 
 import train  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.get_num_threads())
-    yield
-    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
-    torch.set_num_threads(state[2])
+pytestmark = pytest.mark.usefixtures('restore_torch_globals')
 
 
 def _load(path):
@@ -55,12 +49,14 @@ def two_plain_steps(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv('_REDNET_FAULT', 'TERM@1')
     try:
-        assert train.train(compose(overrides), run_dir=str(run_dir))['interrupted']
+        with torch_globals_kept():
+            assert train.train(compose(overrides), run_dir=str(run_dir))['interrupted']
     finally:
         mp.undo()
     first = _load(run_dir / 'checkpoints' / 'last.pt')
     assert first['step'] == 1 and first['epoch_complete']
-    train.train(compose(overrides + ['train.resume=auto']), run_dir=str(run_dir))
+    with torch_globals_kept():
+        train.train(compose(overrides + ['train.resume=auto']), run_dir=str(run_dir))
     second = _load(run_dir / 'checkpoints' / 'last.pt')
     assert second['step'] == 2
     return w0, first, second

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from _train_utils import TINY, compose
+from _train_utils import TINY, compose, restore_torch_globals, torch_globals_kept  # noqa: F401
 
 import train  # noqa: E402
 
@@ -18,13 +18,7 @@ import train  # noqa: E402
 ARGS = TINY + ['train.ema=true', 'train.ema_decay=0.5']
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.get_num_threads())
-    yield
-    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
-    torch.set_num_threads(state[2])
+pytestmark = pytest.mark.usefixtures('restore_torch_globals')
 
 
 def _load(run_dir):
@@ -42,7 +36,8 @@ def _run(run_dir, args, fault=None):
     else:
         mp.delenv('_REDNET_FAULT', raising=False)
     try:
-        return train.train(compose(args), run_dir=str(run_dir))
+        with torch_globals_kept():
+            return train.train(compose(args), run_dir=str(run_dir))
     finally:
         mp.undo()
 
