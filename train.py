@@ -210,7 +210,7 @@ def params_digest(model: nn.Module) -> str:
     """SHA-256 of the parameters' bytes: data-parallel processes must hold identical weights."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+        h.update(p.detach().cpu().flatten().view(torch.uint8).numpy())  # logical order, any memory layout
     return h.hexdigest()
 
 

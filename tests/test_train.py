@@ -239,7 +239,7 @@ def _params_sha256(state_dict):
     names = [n for n, _ in timm.create_model('rednet26', num_classes=10, small_input=True).named_parameters()]
     h = hashlib.sha256()
     for n in names:
-        h.update(state_dict[n].contiguous().view(torch.uint8).numpy())
+        h.update(state_dict[n].flatten().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
