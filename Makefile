@@ -1,10 +1,11 @@
 # `make demo`: set up .venv and train RedNet-26 on the digits set that scikit-learn ships (no download).
 # `make test`: set up .venv and run the whole test suite (CPU, offline).
+# `make mutants`: break one behaviour at a time in a scratch copy and check that the tests notice (slow).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup benchmark
+.PHONY: demo test setup benchmark mutants
 
 setup: $(VENV)/.installed
 
@@ -22,3 +23,6 @@ test: setup
 
 benchmark: setup
 	$(PY) scripts/benchmark.py
+
+mutants: setup
+	$(PY) scripts/mutants.py

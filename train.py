@@ -11,6 +11,7 @@ schedule, loss, resume, then the epoch loop (train, evaluate, log, checkpoint). 
 ``rednet/engine.py``, data sets and transforms in ``rednet/data.py``, the config schema in
 ``rednet/train_config.py``.
 """
+import hashlib
 import json
 import logging
 import sys
@@ -215,16 +216,29 @@ def build_loss(cfg: DictConfig, num_classes: int):
 # ---------------------------------------------------------------------------------------------------------
 # 6. checkpoints and resume
 
-def save_checkpoint(path: Path, state: Dict[str, Any], info: engine.DistInfo) -> None:
-    """Gather every process's RNG state, then rank 0 writes ``path`` atomically."""
-    rng = engine.capture_rng_state()
+def params_digest(model: nn.Module) -> str:
+    """SHA-256 of the parameters' bytes: data-parallel processes must hold identical weights."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().flatten().view(torch.uint8).numpy())  # logical order, any memory layout
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any], info: engine.DistInfo, model: nn.Module) -> None:
+    """Gather every process's RNG state and weights digest, then rank 0 writes ``path`` atomically (with a
+    warning if the processes' weights differ, which DDP's gradient averaging should make impossible)."""
+    mine = (engine.capture_rng_state(), params_digest(model))
     if info.distributed:
-        rngs = [None] * info.world_size
-        torch.distributed.all_gather_object(rngs, rng)
+        gathered = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, mine)
     else:
-        rngs = [rng]
+        gathered = [mine]
+    rngs, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+    if len(set(digests)) > 1:
+        warnings.warn(f'the {info.world_size} processes hold different weights (parameter digests '
+                      f'{", ".join(d[:12] for d in digests)}); gradients were not averaged across them')
     if info.is_main:
-        engine.atomic_save({**state, 'rng': rngs}, str(path))
+        engine.atomic_save({**state, 'rng': rngs, 'params_digests': digests}, str(path))
 
 
 def checkpoint_state(model, arch, model_args, optimizer, scheduler, scaler, ema, cfg, epoch: int,
@@ -464,7 +478,7 @@ def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]
             if ema is not None:
                 engine.broadcast_buffers(ema.module)
             if stats['interrupted']:
-                save_checkpoint(last_path, state(epoch, False, stats['batches_done']), info)
+                save_checkpoint(last_path, state(epoch, False, stats['batches_done']), info, model)
                 log(f'SIGTERM: stopped at epoch {epoch}, step {step}; saved {last_path}. Continue with the same '
                     f'command plus train.resume=auto hydra.run.dir={run_dir}')
                 stop.pass_on()
@@ -491,7 +505,7 @@ def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]
                 val_loss_ema=ema_val['loss'] if ema_val else None,
                 skipped_images=stats['skipped_images'], val_skipped_images=val['skipped_images'] if val else None)
             log_epoch(writer, metrics_path, metrics)
-            save_checkpoint(last_path, state(epoch, True, 0, metrics), info)
+            save_checkpoint(last_path, state(epoch, True, 0, metrics), info, model)
             last_good = str(last_path)
             if is_best and cfg.train.save_best and info.is_main:
                 engine.atomic_link_or_copy(str(last_path), str(ckpt_dir / 'best.pt'))

@@ -1,9 +1,12 @@
 """Shared helpers of the training tests: compose configs in-process, run train.py as a subprocess."""
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = str(REPO / 'configs')
@@ -26,13 +29,34 @@ def compose(overrides: Optional[List[str]] = None):
         return hydra_compose(config_name='train', overrides=list(overrides or []))
 
 
-def run_train(args: List[str], env: Optional[dict] = None, torchrun: int = 0, timeout: int = 300):
+def run_train(args: List[str], env: Optional[dict] = None, torchrun: int = 0, timeout: int = 300,
+              script: str = 'train.py'):
     """Run ``train.py`` (or ``torchrun --nproc_per_node=N train.py``) from the repository root."""
     full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
     full_env.pop('_REDNET_FAULT', None) if not env or '_REDNET_FAULT' not in env else None
     if torchrun:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',
-               'train.py', *args]
+               script, *args]
     else:
-        cmd = [sys.executable, 'train.py', *args]
+        cmd = [sys.executable, script, *args]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def torch_globals_kept():
+    """In-process runs switch deterministic algorithms on and set the thread count: leave torch as it was."""
+    import torch
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.get_num_threads())
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state[2], state[3]
+        torch.set_num_threads(state[4])
+
+
+@pytest.fixture
+def restore_torch_globals():
+    with torch_globals_kept():
+        yield

@@ -11,6 +11,7 @@ import rednet
 from rednet.checkpoint import CheckpointError
 from official_reference import official_forward, official_state_dict, save_pdparams, to_paddle
 
+# entry counts of the authors' released files (/work/shared/spec/official-checkpoints.md), not of our helper
 OFFICIAL_KEY_COUNTS = {26: 251, 38: 351, 50: 451, 101: 876, 152: 1301}
 
 
@@ -110,19 +111,34 @@ def test_our_state_dict_and_training_checkpoint(tmp_path):
     torch.testing.assert_close(plain(x), expected)
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
+class _Call:
+    """Unpickles as ``fn(*args)``."""
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
 
     def __reduce__(self):
-        return os.system, (f'touch {self.marker}',)
+        return self.fn, self.args
+
+
+def _payload(kind, marker):
+    """A pickled call that would create ``marker``, through a global of each family an attacker can reach for."""
+    import subprocess
+    from numpy.testing._private.utils import runstring  # exec()s a string: numpy's own code-execution gadget
+    return {
+        'os.system': _Call(os.system, f'touch {marker}'),
+        'builtins.eval': _Call(eval, f'__import__("pathlib").Path({str(marker)!r}).touch()'),
+        'numpy.runstring': _Call(runstring, f'import pathlib; pathlib.Path({str(marker)!r}).touch()', {}),
+        'subprocess': _Call(subprocess.check_call, ['touch', str(marker)]),
+        'torch.save': _Call(torch.save, 0, str(marker)),
+    }[kind]
 
 
 @pytest.mark.parametrize('suffix', ['.pth', '.pdparams'])
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path, suffix):
+@pytest.mark.parametrize('kind', ['os.system', 'builtins.eval', 'numpy.runstring', 'subprocess', 'torch.save'])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, suffix, kind):
     marker = tmp_path / 'pwned'
     path = tmp_path / f'evil{suffix}'
-    payload = {'stem.0.conv.weight': _Exploit(marker)}
+    payload = {'stem.0.conv.weight': np.zeros(3, np.float32), 'x': _payload(kind, marker)}
     if suffix == '.pth':
         torch.save(payload, path)
     else:
@@ -131,6 +147,13 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, suffix):
     with pytest.raises(CheckpointError, match='Nothing in it was executed|nothing in it was executed'):
         rednet.load_model(path)
     assert not marker.exists()
+    # the payloads are live: an unrestricted unpickler runs them
+    with open(path, 'rb') as f:
+        if suffix == '.pth':
+            torch.load(f, weights_only=False)
+        else:
+            pickle.load(f)
+    assert marker.exists()
 
 
 def test_mismatched_files_name_the_keys(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from _train_utils import REPO, TINY, run_train
+from test_train import _params_sha256
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +77,10 @@ def test_ddp_two_processes_gloo(reference):
     assert not any(k.startswith('module.') for k in ckpt['model'])
     assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
     assert 'lr 0.00625 for global batch 16' in r.stdout  # 0.1 x (2 x 2 x 4) / 256
+    # gradient averaging keeps the two processes' weights identical, bit for bit, and they are the saved ones
+    # (test_train.test_ddp_without_gradient_averaging_diverges is the negative control)
+    assert ckpt['params_digests'][0] == ckpt['params_digests'][1] == _params_sha256(ckpt['model'])
+    assert 'hold different weights' not in r.stdout + r.stderr
 
 
 def test_at_most_one_all_reduce_per_optimizer_step(reference):

@@ -83,6 +83,9 @@ def test_eval_each_checkpoint_kind(tmp_path, folder, checkpoints, name):
 
 def test_eval_our_training_checkpoint_on_digits(tmp_path):
     model = timm.create_model('rednet26', num_classes=10, small_input=True)
+    with torch.no_grad():  # always predicts 3, with 0, 1, 2, 4 next
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([4.0, 3.0, 2.0, 5.0, 1.0, 0, 0, 0, 0, 0]))
     path = tmp_path / 'best.pt'
     torch.save({'model': model.state_dict(), 'arch': 'rednet26',
                 'model_args': {'num_classes': 10, 'small_input': True},
@@ -93,7 +96,14 @@ def test_eval_our_training_checkpoint_on_digits(tmp_path):
     assert result.returncode == 0, result.stderr
     out = json.loads((tmp_path / 'run' / 'eval.json').read_text())
     assert out['images'] == 360 and out['transform']['img_size'] == 16
-    assert 0.0 <= out['top1'] <= 100.0 and out['top5'] >= out['top1']
+    # by hand: the share of 3s (top-1) and of 0-4s (top-5) in the data set's documented validation split
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    y = load_digits().target
+    _, y_val = train_test_split(y, test_size=0.2, random_state=0, stratify=y)
+    assert len(y_val) == 360
+    assert out['top1'] == pytest.approx(100 * (y_val == 3).mean())
+    assert out['top5'] == pytest.approx(100 * (y_val <= 4).mean())
 
 
 def test_eval_distributed_matches_single_process(tmp_path, folder, checkpoints):
@@ -110,6 +120,9 @@ def test_eval_distributed_matches_single_process(tmp_path, folder, checkpoints):
 
 def test_class_count_mismatch_and_class_map(tmp_path, folder):
     official = official_state_dict(26, num_classes=1000, seed=6)
+    # a head that always predicts ImageNet class 207 (golden retriever), where the map sends 'dog'
+    official['head.fc.weight'].zero_()
+    official['head.fc.bias'].zero_()[207] = 10.0
     ckpt = tmp_path / 'in1k.pth'
     torch.save(official, ckpt)
     result = _eval(f'checkpoint={ckpt}', 'data=imagefolder', f'data.root={folder}', f'hydra.run.dir={tmp_path}')
@@ -120,7 +133,8 @@ def test_class_count_mismatch_and_class_map(tmp_path, folder):
     result = _eval(f'checkpoint={ckpt}', 'data=imagefolder', f'data.root={folder}', f'class_map={class_map}',
                    f'hydra.run.dir={tmp_path / "mapped"}')
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / 'mapped' / 'eval.json').read_text())['images'] == 9
+    out = json.loads((tmp_path / 'mapped' / 'eval.json').read_text())
+    assert out['images'] == 9 and out['top1'] == pytest.approx(100 * 3 / 9)  # the 3 dog images, mapped to 207
 
 
 def test_eval_errors_are_clear(tmp_path):
@@ -130,3 +144,41 @@ def test_eval_errors_are_clear(tmp_path):
     assert result.returncode == 2 and 'checkpoint not found' in result.stderr
     result = _eval(f'checkpoint={tmp_path / "x.pt"}', 'batchsize=3')
     assert result.returncode == 2 and "unknown eval key 'batchsize'" in result.stderr and 'batch_size' in result.stderr
+
+
+def test_eval_uses_the_checkpoints_own_transform(tmp_path, folder):
+    """A released file whose data pipeline (64 px, no crop margin, mean 0.2, std 0.1) differs from the data
+    config's (224 px, crop 0.875, ImageNet mean/std), with a head fitted so that it classifies the 9 images right
+    under its own pipeline only: eval.py must score 100%."""
+    pipeline = dict(input_size=(3, 64, 64), crop_pct=1.0, interpolation='bilinear', mean=(0.2,) * 3, std=(0.1,) * 3)
+    torch.manual_seed(0)
+    model = timm.create_model('rednet26', num_classes=3, involution_backend='reference').eval()
+
+    def features(**cfg):
+        transform = timm.data.create_transform(**cfg)
+        images = [Image.open(p).convert('RGB') for name in CLASSES for p in sorted((folder / 'val' / name).iterdir())]
+        with torch.no_grad():
+            return model.forward_head(model.forward_features(torch.stack([transform(i) for i in images])),
+                                      pre_logits=True).double()
+    labels = torch.arange(3).repeat_interleave(3)
+    right = features(**pipeline)
+    wrong = features(**{**pipeline, 'mean': timm.data.IMAGENET_DEFAULT_MEAN, 'std': timm.data.IMAGENET_DEFAULT_STD})
+    # least-squares head on centred features: one-hot targets, exact on these 9 images
+    centre = right.mean(0)
+    w = torch.linalg.lstsq(right - centre, torch.eye(3, dtype=torch.float64)[labels] - 1 / 3).solution.T
+    with torch.no_grad():
+        model.fc.weight.copy_(w)
+        model.fc.bias.copy_(-(w @ centre))
+
+    def top1(feats):
+        return 100.0 * float(((feats @ w.T - w @ centre).argmax(1) == labels).double().mean())
+    assert top1(right) == 100.0 and top1(wrong) < 70.0  # the transform decides
+    path = tmp_path / 'own.safetensors'
+    save_released(model, path, 'rednet26', {}, **pipeline)
+    result = _eval(f'checkpoint={path}', 'data=imagefolder', f'data.root={folder}', f'hydra.run.dir={tmp_path / "r"}',
+                   'involution_backend=reference')
+    assert result.returncode == 0, result.stderr
+    out = json.loads((tmp_path / 'r' / 'eval.json').read_text())
+    assert out['transform'] == dict(img_size=64, crop_pct=1.0, interpolation='bilinear', mean=[0.2] * 3,
+                                    std=[0.1] * 3)
+    assert out['top1'] == pytest.approx(100.0)

@@ -103,9 +103,13 @@ def test_grad_checkpointing_gives_same_gradients():
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model.set_grad_checkpointing(True)
+    calls = []
+    model.layer2[0].register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
     model(x).sum().backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    # checkpointed: the block ran once without keeping activations and once more, recomputed, during backward
+    assert len(calls) == 2
 
 
 def test_features_only_for_detection():

@@ -1,5 +1,6 @@
 """The training loop end to end on tiny data: logs, checkpoints, exact resume after SIGKILL, SIGTERM,
 non-finite losses, atomic saves, 2-process gloo DDP."""
+import hashlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import timm
 import torch
 
 from _train_utils import REPO, TINY, compose, run_train
@@ -48,7 +50,8 @@ def test_train_end_to_end_in_process(tmp_path):
     for r in rows:
         for key in ('epoch', 'train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr', 'img_per_sec'):
             assert r[key] is not None, key
-        assert 0 <= r['val_top1'] <= r['val_top5'] <= 100 and r['val_images'] == 24
+        assert r['val_top1'] <= r['val_top5'] and r['val_images'] == 24
+        assert (r['val_top1'] * 24 / 100) == pytest.approx(round(r['val_top1'] * 24 / 100))  # counted images
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(run_dir / 'tb'))
     last = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
     for key in ('model', 'arch', 'model_args', 'optimizer', 'scheduler', 'scaler', 'ema', 'epoch', 'step', 'rng',
@@ -123,6 +126,7 @@ def test_group_sigterm_then_sigkill_with_workers_resumes_bit_identical(tmp_path,
     b = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
     _assert_same_weights(a['model'], b['model'])
     assert a['step'] == b['step'] == 8
+    assert a['optimizer']['state'] and a['optimizer']['state'].keys() == b['optimizer']['state'].keys()
     for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
         assert torch.equal(sa['momentum_buffer'], sb['momentum_buffer'])
     assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1]
@@ -154,13 +158,28 @@ def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
 
 
 def test_evaluate_under_bf16_autocast():
+    """evaluate() against a hand computation in float32, and under bf16 autocast close to it; the head is random
+    and large, so the loss is far from the ln 3 of an untrained head and the predictions vary."""
+    import math
     import timm
-    model = timm.create_model('rednet26', num_classes=3, small_input=True, involution_backend='native')
-    data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))]
+    torch.manual_seed(0)
+    model = timm.create_model('rednet26', num_classes=3, small_input=True, involution_backend='native').eval()
+    x, y = torch.randn(8, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    with torch.no_grad():  # a large random head on centred features
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.nn.init.normal_(model.fc.weight, std=3.0 / float(feats.std(0).norm()))
+        model.fc.bias.copy_(-model.fc.weight @ feats.mean(0))
+        logits = model(x)
+    want_loss = float(torch.nn.functional.cross_entropy(logits, y))
+    want_top1 = 100.0 * float((logits.argmax(1) == y).double().mean())
+    assert abs(want_loss - math.log(3)) > 0.3 and len(set(logits.argmax(1).tolist())) > 1
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]  # two batches of different sizes: per-sample averaging
     fp32 = engine.evaluate(model, data, torch.device('cpu'))
+    assert fp32['images'] == 8 and fp32['top5'] == 100.0
+    assert fp32['loss'] == pytest.approx(want_loss, rel=1e-5) and fp32['top1'] == pytest.approx(want_top1)
     bf16 = engine.evaluate(model, data, torch.device('cpu'), amp='bf16', channels_last=True)
-    assert fp32['images'] == bf16['images'] == 4
-    assert bf16['loss'] == pytest.approx(fp32['loss'], rel=0.05)
+    assert bf16['images'] == 8 and bf16['loss'] != fp32['loss']  # it did run in bf16
+    assert bf16['loss'] == pytest.approx(want_loss, rel=0.05)
 
 
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
@@ -196,6 +215,26 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path):
     p.wait()
     obj = torch.load(path, weights_only=True)
     assert torch.equal(obj['x'], torch.full((4_000_000,), float(obj['i'])))
+
+
+def _params_sha256(state_dict):
+    names = [n for n, _ in timm.create_model('rednet26', num_classes=10, small_input=True).named_parameters()]
+    h = hashlib.sha256()
+    for n in names:
+        h.update(state_dict[n].flatten().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def test_ddp_without_gradient_averaging_diverges(tmp_path):
+    """The negative control: with DDP's all-reduce replaced by a hook that keeps local gradients, the processes
+    (which see different batches) end with different weights, and the run says so."""
+    run_dir = tmp_path / 'run'
+    r = run_train(TINY + ['train.epochs=1', 'data.train_size=32', 'data.val_size=8', f'hydra.run.dir={run_dir}'],
+                  torchrun=2, script='tests/_ddp_no_average.py')
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
+    assert ckpt['params_digests'][0] == _params_sha256(ckpt['model']) != ckpt['params_digests'][1]
+    assert 'the 2 processes hold different weights' in r.stdout + r.stderr  # a warning, logged
 
 
 def test_train_on_an_image_folder_with_a_bad_image(tmp_path):
