@@ -22,6 +22,7 @@ image than that, through the symbolic batch dimension), print the max abs error 
 file size, and exit with status 1 if the error exceeds ``TOLERANCE`` x max(1, max |logit|); 2 on bad arguments.
 """
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -156,6 +157,11 @@ def main(argv=None) -> int:
     p.add_argument('--img-size', type=int, default=0, help="input height and width (default: the model's)")
     p.add_argument('--dynamic-batch', action='store_true', help='symbolic batch dimension (1 to 1024)')
     args = p.parse_args(argv)
+    if args.format == 'onnx':
+        missing = [m for m in ('onnx', 'onnxruntime', 'onnxscript') if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"error: --format onnx needs {', '.join(missing)}: pip install -e '.[deploy]'", file=sys.stderr)
+            return 2
     try:
         ok = export(args.source, args.format, args.out, args.batch, args.img_size, args.dynamic_batch)
     except (ExportError, FileNotFoundError, rednet.checkpoint.CheckpointError) as e:
