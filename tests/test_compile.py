@@ -257,3 +257,18 @@ def test_native_launch_count_does_not_grow_with_the_batch_off_cpu():
     assert counts[0] == counts[1], counts
     # on the CPU the same shapes are chunked for the cache (more calls for the bigger batch)
     assert len(native._chunks(64, 4, 64 * 16 * 34 * 34, torch.empty(64, 64, 28, 28), torch.float32)) > 1
+
+
+@pytest.mark.slow
+def test_compiled_training_gradients_match_eager_float32(backend='auto'):
+    # inductor (the default compiler) on a whole tiny RedNet: every parameter's gradient as eager's in float32
+    # (the default zero-initialised last BNs: a well-conditioned gradient, eager float32 is within 5e-6 of float64)
+    torch.manual_seed(0)
+    model = RedNet((1, 1, 1, 1), num_classes=10, small_input=True, involution_backend=backend)
+    x = torch.randn(2, 3, 16, 16)
+    torch._dynamo.reset()
+    out, grads = _grads(torch.compile(copy.deepcopy(model), fullgraph=True), x)
+    want_out, want_grads = _grads(copy.deepcopy(model), x)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)
+    assert set(grads) == set(want_grads)
+    _assert_grads_close(grads, want_grads, 1e-4)
