@@ -19,7 +19,7 @@ demo: setup
 	$(PY) train.py model=rednet26 data=digits
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 benchmark: setup
 	$(PY) scripts/benchmark.py

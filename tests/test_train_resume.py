@@ -68,7 +68,10 @@ def _assert_same_state(a, b):
     for k in sa:
         assert torch.equal(sa[k]['momentum_buffer'], sb[k]['momentum_buffer']), k
     assert a['optimizer']['param_groups'] == b['optimizer']['param_groups']
-    assert a['scheduler'] == b['scheduler'] and a['step'] == b['step'] == 8
+    # the resumed schedule is rebuilt from the config at its position (issue 10), so PyTorch's call-order counter
+    # _step_count (it only drives a warning) restarts; every field that sets the lr must be identical
+    sched_a, sched_b = ({k: v for k, v in d['scheduler'].items() if k != '_step_count'} for d in (a, b))
+    assert sched_a == sched_b and a['scheduler']['last_epoch'] == 8 and a['step'] == b['step'] == 8
 
 
 @pytest.mark.parametrize('workers,fault,stopped_at', [
