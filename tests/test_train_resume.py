@@ -14,8 +14,9 @@ from _train_utils import TINY, compose, restore_torch_globals, torch_globals_kep
 
 import train  # noqa: E402
 
-# momentum SGD (TINY's default optimizer), EMA, random crops and flips
-ARGS = TINY + ['train.ema=true', 'train.ema_decay=0.5']
+# momentum SGD (TINY's default optimizer), EMA, random crops and flips (seeded per sample), and stochastic depth,
+# which draws from the main process's global RNG: a resume must restore that RNG's state to be exact
+ARGS = TINY + ['train.ema=true', 'train.ema_decay=0.5', '+model.kwargs.drop_path_rate=0.2']
 
 
 pytestmark = pytest.mark.usefixtures('restore_torch_globals')
