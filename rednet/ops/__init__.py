@@ -122,7 +122,7 @@ def involution(
         from .triton_kernels import involution_triton
         return involution_triton(x, weight, stride, padding, dilation)
     if backend == 'kernels':  # auto on CUDA: Triton with the self-checked fallback to native
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        if torch.jit.is_tracing() or torch.jit.is_scripting():  # (ONNX export returned above)
             return involution_functional(x, weight, stride, padding, dilation)
         from .library import involution_op
         return involution_op(x, weight, stride, padding, dilation, 'auto')
