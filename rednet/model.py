@@ -27,7 +27,7 @@ from timm.layers import ConvNormAct, DropPath, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .ops import involution, involution_fused, resolve_backend
+from .ops import involution, involution_fused, not_eager, resolve_backend
 
 __all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'STAGE_WIDTHS', 'FUSE_MIN_BYTES', 'check_involution_args',
            'timm_small_input_stem']
@@ -168,8 +168,7 @@ def _fuse_with(x: torch.Tensor, r: torch.Tensor, kmap_channels: int, backend: st
                fuse_span: Optional[bool]) -> Optional[str]:
     """The backend to run the span conv fused with, or None for unfused (off, compile/export, other backends, or
     ``fuse_span=None`` where the kernel map stays small enough for the cache)."""
-    if fuse_span is False or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() \
-            or torch.jit.is_tracing():
+    if fuse_span is False or not_eager(compiling=True):
         return None
     backend = resolve_backend(backend, x)
     if backend not in FUSE_MIN_BYTES:

@@ -8,7 +8,7 @@ import torch
 
 from rednet.model import RedNet
 from rednet.ops import involution, output_size, resolve_backend
-from rednet.ops import native, triton_kernels
+from rednet.ops import _common, native, triton_kernels
 from rednet.ops.library import involution_op
 
 
@@ -256,7 +256,7 @@ def test_native_launch_count_does_not_grow_with_the_batch_off_cpu():
         counts.append(c.calls)
     assert counts[0] == counts[1], counts
     # on the CPU the same shapes are chunked for the cache (more calls for the bigger batch)
-    assert len(native._chunks(64, 4, 64 * 16 * 34 * 34, torch.empty(64, 64, 28, 28), torch.float32)) > 1
+    assert len(_common.chunk_plan(64, 4, 64 * 16 * 34 * 34, torch.empty(64, 64, 28, 28), torch.float32)) > 1
 
 
 @pytest.mark.slow

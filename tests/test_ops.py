@@ -8,6 +8,7 @@ import torch
 import rednet  # noqa: F401  (registers the models with timm)
 from rednet.ops import (BACKENDS, involution, involution_fused, involution_span_unfused,
                         output_size, resolve_backend)
+from rednet.ops import _common as common_mod
 from rednet.ops import native as native_mod
 
 # (N, C, H, W, G, K, stride, dilation, padding or None for "same")
@@ -96,7 +97,7 @@ def test_functional_path_matches_reference(case):
     out = native_mod.involution_functional(x, weight, kw['stride'], kw['padding'], kw['dilation'])
     n, c, h, w = x.shape
     _, g, k, _, ho, wo = weight.shape
-    geo = native_mod._Geometry(h, w, k, kw['stride'], kw['padding'], kw['dilation'], ho, wo)
+    geo = common_mod.Geometry(h, w, k, kw['stride'], kw['padding'], kw['dilation'], ho, wo)
     gx, gw = native_mod._backward_functional(x, weight, grad_out, geo, True, True)
     _assert_close((out, gx, gw), want, rtol=1e-10, atol=1e-10)
 
@@ -159,8 +160,8 @@ def test_fast_only_one_input_requires_grad(backend):
 
 def test_native_small_chunks(monkeypatch):
     # force many (sample, group) chunks, including splits inside a sample
-    monkeypatch.setattr(native_mod, '_CHUNK_BYTES', 1)
-    monkeypatch.setattr(native_mod, '_MIN_CHUNK_BYTES', 1)
+    monkeypatch.setattr(common_mod, 'CHUNK_BYTES', 1)
+    monkeypatch.setattr(common_mod, 'MIN_CHUNK_BYTES', 1)
     for case in (CASES[2], CASES[7], (3, 12, 9, 8, 3, 3, 1, 1, None)):
         x, weight, grad_out, kw = _make(case)
         want = _run(x, weight, grad_out, kw, 'reference')
@@ -379,8 +380,8 @@ def test_fused_span_layouts_and_partial_grads(monkeypatch):
     got = involution_fused(x, r, sw, None, **kw)
     torch.testing.assert_close(got, involution_span_unfused(x, r, sw, None, **kw, backend='reference'))
     # many small chunks, including splits inside a sample
-    monkeypatch.setattr(native_mod, '_CHUNK_BYTES', 1)
-    monkeypatch.setattr(native_mod, '_MIN_CHUNK_BYTES', 1)
+    monkeypatch.setattr(common_mod, 'CHUNK_BYTES', 1)
+    monkeypatch.setattr(common_mod, 'MIN_CHUNK_BYTES', 1)
     for case in (FUSED_CASES[1], FUSED_CASES[4]):
         inputs, go, kw = _make_fused(case)
         _assert_fused_close(_run_fused(inputs, go, kw), _run_fused(inputs, go, kw, fused=False),

@@ -41,7 +41,7 @@ _CHILD = textwrap.dedent('''
     assert os.environ.get('TRITON_INTERPRET') == '1'
     import torch
     from rednet.ops import involution, output_size
-    from rednet.ops.triton_kernels import involution_triton
+    from rednet.ops.library import involution_triton
 
     for name, (n, c, h, w, g, k, s, d, p), dtype, layout in json.loads(sys.argv[1]):
         p = d * (k - 1) // 2 if p is None else p

@@ -33,24 +33,20 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from . import cpp
-from .cpp import involution_cpp
-from .fused import involution_fused, involution_span_unfused
+from . import cpp, fused, triton_kernels
+from ._common import not_eager, output_size
+from .library import involution_cpp, involution_op, involution_triton
 from .native import involution_functional, involution_native
 from .onnx_form import involution_onnx
 from .reference import involution_reference
 
 __all__ = ['involution', 'involution_reference', 'involution_native', 'involution_functional', 'involution_cpp',
            'involution_fused',
-           'involution_span_unfused', 'output_size', 'BACKENDS', 'resolve_backend']
+           'involution_span_unfused', 'output_size', 'not_eager', 'BACKENDS', 'resolve_backend']
 
 BACKENDS = ('auto', 'reference', 'native', 'functional', 'cpp', 'triton')
-
-
-def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
-    """Spatial output size of the aggregation (the same formula as a convolution)."""
-    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> None:
@@ -119,12 +115,10 @@ def involution(
     if backend == 'cpp':
         return involution_cpp(x, weight, stride, padding, dilation)
     if backend == 'triton':
-        from .triton_kernels import involution_triton
         return involution_triton(x, weight, stride, padding, dilation)
     if backend == 'kernels':  # auto on CUDA: Triton with the self-checked fallback to native
-        if torch.jit.is_tracing() or torch.jit.is_scripting():  # (ONNX export returned above)
+        if not_eager():  # tracing or scripting (ONNX export returned above)
             return involution_functional(x, weight, stride, padding, dilation)
-        from .library import involution_op
         return involution_op(x, weight, stride, padding, dilation, 'auto')
     return involution_reference(x, weight, stride, padding, dilation)
 
@@ -142,6 +136,43 @@ def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor):
         return x, weight
     dtype = torch.get_autocast_dtype(device_type)
     return x.to(dtype), weight.to(dtype)
+
+
+def involution_span_unfused(x, r, span_weight, span_bias, k: int, stride: int = 1, padding: Optional[int] = None,
+                            dilation: int = 1, backend: str = 'auto') -> torch.Tensor:
+    """The same math unfused: span conv, then :func:`involution` (any backend, compile, export)."""
+    if padding is None:
+        padding = dilation * (k - 1) // 2
+    weight = F.conv2d(r, span_weight.reshape(span_weight.shape[0], -1, 1, 1), span_bias)
+    n, _, h, w = weight.shape
+    weight = weight.view(n, -1, k, k, h, w)
+    return involution(x, weight, stride=stride, padding=padding, dilation=dilation, backend=backend)
+
+
+def involution_fused(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor, span_bias: Optional[torch.Tensor],
+                     k: int, stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
+                     backend: str = 'native') -> torch.Tensor:
+    """``involution(x, span(r).view(N, G, K, K, H_out, W_out))`` without materialising the kernel map
+    (:mod:`rednet.ops.fused`).
+
+    Args:
+        x: input (N, C, H, W).
+        r: reduced features (N, Cr, H_out, W_out) the kernel map is generated from.
+        span_weight: 1x1 conv weight (K*K*G, Cr, 1, 1) or (K*K*G, Cr); row ``(g*K + a)*K + b`` is tap (a, b)
+            of group g (the layout of ``weight.view(N, G, K, K, H_out, W_out)``).
+        span_bias: (K*K*G,) or None.
+        k, stride, padding (``None``: "same"), dilation: as for :func:`involution`.
+        backend: ``'native'`` (chunked PyTorch ops, any device) or ``'cpp'`` (the C++ CPU kernels of
+            :mod:`rednet.ops.cpp`, which compute each (sample, group)'s kernel map in cache).
+
+    Eager only; under ``torch.compile``, tracing or ONNX export it falls back to the unfused math with
+    the ``native`` backend. Under autocast the inputs are cast to the autocast dtype first.
+    """
+    if padding is None:
+        padding = dilation * (k - 1) // 2
+    if not_eager(compiling=True):
+        return involution_span_unfused(x, r, span_weight, span_bias, k, stride, padding, dilation, 'native')
+    return fused.span_involution(x, r, span_weight, span_bias, k, stride, padding, dilation, backend)
 
 
 # what `auto` runs under torch.compile, per device type: 'kernels' keeps the hand-written kernels as one opaque
@@ -163,7 +194,6 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == 'auto':
         return _resolve_auto(x)
     if backend == 'triton':
-        from . import triton_kernels
         ok, why = triton_kernels.supports(x)
         if not ok:
             raise ValueError(f'involution: the triton backend cannot run this input: {why}; '
@@ -186,7 +216,6 @@ def _resolve_auto(x: torch.Tensor) -> str:
 
 def _cuda_kernels(x: torch.Tensor) -> str:
     global _warned_no_triton
-    from . import triton_kernels
     if not triton_kernels.available():
         if not _warned_no_triton:
             _warned_no_triton = True

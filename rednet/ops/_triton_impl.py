@@ -30,6 +30,18 @@ CONFIGS = ((32, 2), (64, 4), (128, 4), (256, 8))
 BLOCK_C_MAX = 16
 
 
+def block_c(cg: int) -> int:
+    """Channels per program (``BLOCK_C``) for groups of ``cg`` channels."""
+    return min(triton.next_power_of_2(cg), BLOCK_C_MAX)
+
+
+def grid(n_groups: int, rows: int, cols: int, channels: int, channels_per_block: int):
+    """The launch grid, all programs on axis 0 (2^31 - 1 allowed): (sample, group) x channel blocks x pixel tiles
+    of a ``rows x cols`` map."""
+    blocks = triton.cdiv(channels, channels_per_block)
+    return lambda meta: (n_groups * blocks * triton.cdiv(rows * cols, meta['BLOCK_P']),)
+
+
 def _prune(configs, named_args, **kwargs):
     """Autotune every config on a GPU; under the interpreter (no timer) run the first."""
     from triton import knobs

@@ -13,8 +13,9 @@ falls back to ``native`` with a warning and an explicit ``backend='cpp'`` raises
 
 Float32 and float64 run natively; float16/bfloat16 inputs are computed in float32 and cast back. Any memory
 format is accepted (inputs are made contiguous; the output keeps a channels_last input's layout). The kernels run as
-the registered operator ``torch.ops.rednet.involution`` (:mod:`rednet.ops.library`), also inside ``torch.compile``
-and ``torch.export``; ONNX export takes the ``native`` functional path instead.
+the registered operator ``torch.ops.rednet.involution`` (:mod:`rednet.ops.library`, whose
+:func:`~rednet.ops.library.involution_cpp` is this backend's entry point), also inside ``torch.compile`` and
+``torch.export``; ONNX export takes the ``native`` functional path instead.
 """
 import hashlib
 import os
@@ -27,10 +28,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fused import _r_grid
-from .native import _Geometry, _acc_dtype, _memory_format, involution_functional
+from ._common import Geometry, accumulation_dtype, memory_format_of, r_on_grid
 
-__all__ = ['involution_cpp', 'available', 'load_error']
+__all__ = ['available', 'load_error', 'require', 'forward', 'backward', 'span_function']
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'involution_cpu.cpp')
 _CFLAGS = ['-O3', '-march=native', '-ffp-contract=fast']
@@ -92,21 +92,23 @@ def load_error() -> Optional[str]:
     return _error
 
 
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    return t.to(_acc_dtype(t.dtype)).contiguous()
+def _for_kernel(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the kernels take it: contiguous, in the accumulation dtype."""
+    return t.to(accumulation_dtype(t.dtype)).contiguous()
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """Forward kernel (the ``cpp`` kernel of ``torch.ops.rednet.involution``, :mod:`rednet.ops.library`)."""
-    out = _load().forward(_acc(x), _acc(weight), stride, padding, dilation)
-    return out.to(dtype=x.dtype, memory_format=_memory_format(x))
+    out = _load().forward(_for_kernel(x), _for_kernel(weight), stride, padding, dilation)
+    return out.to(dtype=x.dtype, memory_format=memory_format_of(x))
 
 
 def backward(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, stride: int, padding: int, dilation: int,
              need_x: bool, need_w: bool):
     """(grad_x or None, grad_weight or None)."""
-    gx, gw = _load().backward(_acc(x), _acc(weight), _acc(grad_out), stride, padding, dilation, need_x, need_w)
-    gx = gx.to(dtype=x.dtype, memory_format=_memory_format(x)) if need_x else None
+    gx, gw = _load().backward(_for_kernel(x), _for_kernel(weight), _for_kernel(grad_out), stride, padding,
+                              dilation, need_x, need_w)
+    gx = gx.to(dtype=x.dtype, memory_format=memory_format_of(x)) if need_x else None
     gw = gw.to(weight.dtype) if need_w else None
     return gx, gw
 
@@ -121,17 +123,6 @@ def require(x: torch.Tensor) -> None:
                            f"(or 'auto', which falls back to it)")
 
 
-def involution_cpp(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0,
-                   dilation: int = 1) -> torch.Tensor:
-    """Involution with the ``cpp`` backend (arguments already checked by :func:`rednet.ops.involution`): the
-    registered operator ``torch.ops.rednet.involution``, which ``torch.compile`` and ``torch.export`` keep."""
-    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return involution_functional(x, weight, stride, padding, dilation)
-    require(x)
-    from .library import involution_op
-    return involution_op(x, weight, stride, padding, dilation, 'cpp')
-
-
 def span_function(x: torch.Tensor):
     """The autograd Function of the fused span conv + involution (used by :func:`rednet.ops.involution_fused`)."""
     require(x)
@@ -142,13 +133,13 @@ def _span_grid_args(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor,
                     k: int, stride: int, padding: int, dilation: int):
     """The phase-layout geometry; r on its grid (N, Cr, L), zero in the junk columns and at the end (L = H_out * Wq
     rounded up to whole 64-byte vectors, as the kernels compute); span weight (G*KK, Cr) and bias (G*KK)."""
-    geo = _Geometry(x.shape[2], x.shape[3], k, stride, padding, dilation, r.shape[2], r.shape[3])
-    acc = _acc_dtype(r.dtype)
+    geo = Geometry(x.shape[2], x.shape[3], k, stride, padding, dilation, r.shape[2], r.shape[3])
+    acc = accumulation_dtype(r.dtype)
     vec = 64 // acc.itemsize
-    r_grid = F.pad(_r_grid(r, geo, acc), (0, -geo.length % vec))
-    ws = _acc(span_weight.reshape(span_weight.shape[0], -1))
-    bias = _acc(span_bias) if span_bias is not None else ws.new_zeros(ws.shape[0])
-    return geo, r_grid, ws, bias
+    r_grid = F.pad(r_on_grid(r, geo, acc), (0, -geo.length % vec))
+    span_w = _for_kernel(span_weight.reshape(span_weight.shape[0], -1))
+    bias = _for_kernel(span_bias) if span_bias is not None else span_w.new_zeros(span_w.shape[0])
+    return geo, r_grid, span_w, bias
 
 
 class _CppSpanInvolution(torch.autograd.Function):
@@ -157,23 +148,25 @@ class _CppSpanInvolution(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, r, span_weight, span_bias, k: int, stride: int, padding: int, dilation: int):
-        geo, r_grid, ws, bias = _span_grid_args(x, r, span_weight, span_bias, k, stride, padding, dilation)
+        geo, r_grid, span_w, bias = _span_grid_args(x, r, span_weight, span_bias, k, stride, padding, dilation)
         ctx.save_for_backward(x, r, span_weight, span_bias)
         ctx.args = (k, stride, padding, dilation)
-        out = _ext.span_forward(_acc(x), r_grid, ws, bias, k, geo.h_out, geo.w_out, stride, padding, dilation)
-        return out.to(dtype=x.dtype, memory_format=_memory_format(x))
+        out = _ext.span_forward(_for_kernel(x), r_grid, span_w, bias, k, geo.h_out, geo.w_out, stride, padding,
+                                dilation)
+        return out.to(dtype=x.dtype, memory_format=memory_format_of(x))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, r, span_weight, span_bias = ctx.saved_tensors
         k, stride, padding, dilation = ctx.args
-        geo, r_grid, ws, bias = _span_grid_args(x, r, span_weight, span_bias, k, stride, padding, dilation)
+        geo, r_grid, span_w, bias = _span_grid_args(x, r, span_weight, span_bias, k, stride, padding, dilation)
         need = ctx.needs_input_grad
-        gx, gr, gw, gb = _ext.span_backward(_acc(x), r_grid, ws, bias, _acc(grad_out), k, stride, padding, dilation,
-                                            need[0], need[1], need[2], need[3] and span_bias is not None)
-        gx = gx.to(dtype=x.dtype, memory_format=_memory_format(x)) if need[0] else None
+        gx, gr, gw, gb = _ext.span_backward(_for_kernel(x), r_grid, span_w, bias, _for_kernel(grad_out), k, stride,
+                                            padding, dilation, need[0], need[1], need[2],
+                                            need[3] and span_bias is not None)
+        gx = gx.to(dtype=x.dtype, memory_format=memory_format_of(x)) if need[0] else None
         gr = gr[..., :geo.length].unflatten(-1, (geo.h_out, geo.wq))[..., :geo.w_out] \
-            .to(dtype=r.dtype, memory_format=_memory_format(r)) if need[1] else None
+            .to(dtype=r.dtype, memory_format=memory_format_of(r)) if need[1] else None
         gw = gw.sum(0).view(span_weight.shape).to(span_weight.dtype) if need[2] else None
         gb = gb.sum(0).to(span_bias.dtype) if need[3] and span_bias is not None else None
         return gx, gr, gw, gb, None, None, None, None

@@ -1,4 +1,5 @@
-"""Involution with the kernel-generating span conv fused in (``native`` backend, eager only).
+"""Involution with the kernel-generating span conv fused in (``native`` backend, eager only; the public entry point
+is :func:`rednet.ops.involution_fused`, which falls back to the unfused math under compile and export).
 
 RedNet's kernel map ``weight = span(r)`` (a 1x1 conv C/4 -> K*K*G with bias) has K*K*G = 49*C/16, about 3x the
 channels of the feature map it is applied to. Unfused, it is written by the conv, read by the aggregation and
@@ -15,23 +16,26 @@ output, and ``grad_out`` is zero there, so they scatter nothing and get zero gra
 nothing to grad_r/weight). On small images, where the junk columns are a large fraction of the grid, the
 matmuls run on the compact H_out x W_out layout and a chunk-sized copy moves the result onto the grid.
 """
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from .native import (_Geometry, _ViewCache, _acc_dtype, _chunks, _fill_phases, _grad_x_chunk, _memory_format,
-                     _to_grid, _w_tap_views, _x_tap_views)
+from . import cpp
+from ._common import (Geometry, ViewCache, accumulation_dtype, chunk_plan, fill_phases, grad_x_chunk, kmap_tap_views,
+                      memory_format_of, output_size, r_on_grid, to_grid, x_tap_views)
 
-__all__ = ['involution_fused', 'involution_span_unfused']
+__all__ = ['span_involution']
 
 # matmuls on the grid while its junk columns add at most this fraction of work (see _use_grid)
 _GRID_JUNK_RATIO = 0.15
 
 
-def _r_grid(r: torch.Tensor, geo: _Geometry, acc: torch.dtype) -> torch.Tensor:
-    """r (N, Cr, H_out, W_out) -> (N, Cr, H_out * Wq), zero in the junk columns, contiguous, dtype acc."""
-    return F.pad(r.to(acc), (0, geo.wq - geo.w_out)).contiguous().flatten(2)
+class _SpanMatrices(NamedTuple):
+    """The span conv as matrices in the accumulation dtype: weight (G*KK, Cr), bias (G*KK, 1), and r (N, Cr, L)
+    on the grid (L = H_out * Wq) or compact (L = H_out * W_out)."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    r: torch.Tensor
 
 
 def _flat_view(storage: torch.Tensor, shape) -> torch.Tensor:
@@ -41,7 +45,7 @@ def _flat_view(storage: torch.Tensor, shape) -> torch.Tensor:
     return storage[:numel].view(shape)
 
 
-def _use_grid(geo: _Geometry) -> bool:
+def _use_grid(geo: Geometry) -> bool:
     """Run the span matmuls on the ``Wq``-wide grid (no crop/expand copies) or on the compact H_out x W_out?
 
     The grid's junk columns cost ``(Wq - W_out) / W_out`` extra matmul work (K=7: +10% at 56x56, +86% at 7x7);
@@ -50,38 +54,50 @@ def _use_grid(geo: _Geometry) -> bool:
     return geo.wq - geo.w_out <= _GRID_JUNK_RATIO * geo.w_out
 
 
-def _kmap_chunk(out: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, rs: torch.Tensor,
-                n0: int, n1: int, g0: int, g1: int, kk: int) -> None:
-    """out (nb, gb*KK, L) <- span bias + span weight rows of groups g0:g1 @ r (nb, Cr, L) of samples n0:n1."""
+def _span_matrices(span_weight: torch.Tensor, span_bias: Optional[torch.Tensor], r: torch.Tensor, geo: Geometry,
+                   acc: torch.dtype) -> _SpanMatrices:
+    weight = span_weight.reshape(span_weight.shape[0], -1).to(acc)  # (G*KK, Cr)
+    bias = (span_bias.to(acc) if span_bias is not None
+            else span_weight.new_zeros(span_weight.shape[0], dtype=acc)).unsqueeze(1)  # (G*KK, 1)
+    r_flat = r_on_grid(r, geo, acc) if _use_grid(geo) else r.to(acc).contiguous().flatten(2)
+    return _SpanMatrices(weight, bias, r_flat)
+
+
+def _kmap_chunk(out: torch.Tensor, span: _SpanMatrices, block: Tuple[int, int, int, int], kk: int) -> None:
+    """out (nb, gb*KK, L) <- span bias + span weight rows of groups g0:g1 @ r (nb, Cr, L) of samples n0:n1, for
+    ``block`` = (n0, n1, g0, g1)."""
+    n0, n1, g0, g1 = block
     nb = n1 - n0
-    wc = w2[g0 * kk:g1 * kk]  # (gb*KK, Cr)
-    bc = b2[g0 * kk:g1 * kk]  # (gb*KK, 1)
+    wc = span.weight[g0 * kk:g1 * kk]  # (gb*KK, Cr)
+    bc = span.bias[g0 * kk:g1 * kk]  # (gb*KK, 1)
     torch.baddbmm(bc.unsqueeze(0).expand(nb, -1, out.shape[-1]), wc.unsqueeze(0).expand(nb, -1, -1),
-                  rs[n0:n1], out=out)
+                  span.r[n0:n1], out=out)
 
 
-def _kmap_chunk_to_grid(wq: torch.Tensor, tmp: Optional[torch.Tensor], w2, b2, rs, n0, n1, g0, g1, kk,
-                        geo: _Geometry) -> None:
-    """wq (nb, gb, KK, H_out * Wq) <- the chunk's kernel map on the grid (directly, or via compact tmp)."""
-    if tmp is None:
-        _kmap_chunk(wq.flatten(1, 2), w2, b2, rs, n0, n1, g0, g1, kk)
+def _kmap_chunk_to_grid(kmap_grid: torch.Tensor, kmap_compact: Optional[torch.Tensor], span: _SpanMatrices,
+                        block: Tuple[int, int, int, int], geo: Geometry) -> None:
+    """kmap_grid (nb, gb, KK, H_out * Wq) <- the chunk's kernel map on the grid (directly, or through the compact
+    buffer ``kmap_compact``)."""
+    kk = geo.k * geo.k
+    if kmap_compact is None:
+        _kmap_chunk(kmap_grid.flatten(1, 2), span, block, kk)
     else:
-        _kmap_chunk(tmp, w2, b2, rs, n0, n1, g0, g1, kk)
-        _to_grid(wq, tmp.unflatten(1, wq.shape[1:3]).unflatten(-1, (geo.h_out, geo.w_out)), geo)
+        _kmap_chunk(kmap_compact, span, block, kk)
+        to_grid(kmap_grid, kmap_compact.unflatten(1, kmap_grid.shape[1:3]).unflatten(-1, (geo.h_out, geo.w_out)),
+                geo)
 
 
-def _forward_eager(x, r, w2, b2, geo: _Geometry, g: int) -> torch.Tensor:
+def _forward_eager(x: torch.Tensor, span: _SpanMatrices, geo: Geometry, g: int) -> torch.Tensor:
     n, c, _, _ = x.shape
     k = geo.k
     cg, kk = c // g, k * k
-    acc = _acc_dtype(x.dtype)
-    out = torch.empty((n, c, geo.h_out, geo.w_out), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    acc = accumulation_dtype(x.dtype)
+    out = torch.empty((n, c, geo.h_out, geo.w_out), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
     xg = x.unflatten(1, (g, cg))
     og = out.unflatten(1, (g, cg))
     grid = _use_grid(geo)
     hw = geo.h_out * geo.w_out
-    rs = _r_grid(r, geo, acc) if grid else r.to(acc).contiguous().flatten(2)
-    plan = _chunks(n, g, (cg * (geo.phases * geo.flat + geo.length) + kk * geo.length), x, acc)
+    plan = chunk_plan(n, g, (cg * (geo.phases * geo.flat + geo.length) + kk * geo.length), x, acc)
     nb, gb = max(b[1] - b[0] for b in plan), max(b[3] - b[2] for b in plan)
     opts = dict(dtype=acc, device=x.device)
     xq_buf = torch.empty((nb, gb, cg, geo.phases, geo.flat), **opts)
@@ -90,16 +106,16 @@ def _forward_eager(x, r, w2, b2, geo: _Geometry, g: int) -> torch.Tensor:
     o_buf = torch.empty((nb, gb, cg, geo.length), **opts)
 
     def build(a, b):
-        wq = _flat_view(w_store, (a, b, kk, geo.length))
-        tmp = None if grid else _flat_view(t_store, (a, b * kk, hw))
-        return wq, tmp, _x_tap_views(xq_buf[:a, :b], geo), _w_tap_views(wq, True)
+        kmap_grid = _flat_view(w_store, (a, b, kk, geo.length))
+        kmap_compact = None if grid else _flat_view(t_store, (a, b * kk, hw))
+        return kmap_grid, kmap_compact, x_tap_views(xq_buf[:a, :b], geo), kmap_tap_views(kmap_grid, True)
 
-    views = _ViewCache(build)
+    views = ViewCache(build)
     for n0, n1, g0, g1 in plan:
         xq, oq = xq_buf[:n1 - n0, :g1 - g0], o_buf[:n1 - n0, :g1 - g0]
-        wq, tmp, xv, wv = views((n1 - n0, g1 - g0))
-        _fill_phases(xq, xg[n0:n1, g0:g1], geo)
-        _kmap_chunk_to_grid(wq, tmp, w2, b2, rs, n0, n1, g0, g1, kk, geo)
+        kmap_grid, kmap_compact, xv, wv = views((n1 - n0, g1 - g0))
+        fill_phases(xq, xg[n0:n1, g0:g1], geo)
+        _kmap_chunk_to_grid(kmap_grid, kmap_compact, span, (n0, n1, g0, g1), geo)
         torch.mul(xv[0], wv[0], out=oq)
         for t in range(1, kk):
             oq.addcmul_(xv[t], wv[t])
@@ -107,23 +123,25 @@ def _forward_eager(x, r, w2, b2, geo: _Geometry, g: int) -> torch.Tensor:
     return out
 
 
-def _backward_eager(x, r, w2, b2, grad_out, geo: _Geometry, g: int, need_x: bool, need_r: bool,
-                    need_w: bool, need_b: bool):
+def _backward_eager(x: torch.Tensor, r: torch.Tensor, span: _SpanMatrices, grad_out: torch.Tensor, geo: Geometry,
+                    g: int, need: Tuple[bool, bool, bool, bool]):
+    """(grad x, grad r, grad span weight (G*KK, Cr), grad span bias (G*KK,)), each None where ``need`` (x, r,
+    span weight, span bias) says it is not needed; the span gradients in the accumulation dtype."""
+    need_x, need_r, need_w, need_b = need
     n, c, _, _ = x.shape
     k = geo.k
     cg, kk = c // g, k * k
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     need_kmap_grad = need_r or need_w or need_b
-    gx = torch.empty_like(x, memory_format=_memory_format(x)) if need_x else None
+    gx = torch.empty_like(x, memory_format=memory_format_of(x)) if need_x else None
     grid = _use_grid(geo)
     hw = geo.h_out * geo.w_out
-    rs = _r_grid(r, geo, acc) if grid else r.to(acc).contiguous().flatten(2)
-    grs = torch.zeros_like(rs) if need_r else None  # grad r (on the grid or compact, like rs)
-    gw2 = torch.zeros(w2.shape, dtype=acc, device=x.device) if need_w else None
-    gb2 = torch.zeros(b2.shape[0], dtype=acc, device=x.device) if need_b else None
+    grad_r_flat = torch.zeros_like(span.r) if need_r else None  # grad r (on the grid or compact, like span.r)
+    grad_span_w = torch.zeros(span.weight.shape, dtype=acc, device=x.device) if need_w else None
+    grad_span_b = torch.zeros(span.bias.shape[0], dtype=acc, device=x.device) if need_b else None
     xg = x.unflatten(1, (g, cg))
     gog = grad_out.unflatten(1, (g, cg))
-    plan = _chunks(n, g, cg * (geo.phases * geo.flat + 2 * geo.length) + kk * geo.length, x, acc)
+    plan = chunk_plan(n, g, cg * (geo.phases * geo.flat + 2 * geo.length) + kk * geo.length, x, acc)
     nb, gb = max(b[1] - b[0] for b in plan), max(b[3] - b[2] for b in plan)
     opts = dict(dtype=acc, device=x.device)
     go_buf = torch.empty((nb, gb, cg, geo.length), **opts)
@@ -134,44 +152,45 @@ def _backward_eager(x, r, w2, b2, grad_out, geo: _Geometry, g: int, need_x: bool
     t_store = None if grid else torch.empty(nb * gb * kk * hw, **opts)  # compact kernel map / its grad
 
     def build(a, b):
-        wq = _flat_view(w_store, (a, b, kk, geo.length))
-        kt = None if grid else _flat_view(t_store, (a, b * kk, hw))
-        return wq, kt, _x_tap_views(xq_buf[:a, :b], geo), _w_tap_views(wq, True), _w_tap_views(wq, False)
+        kmap_grid = _flat_view(w_store, (a, b, kk, geo.length))
+        kmap_compact = None if grid else _flat_view(t_store, (a, b * kk, hw))
+        return (kmap_grid, kmap_compact, x_tap_views(xq_buf[:a, :b], geo), kmap_tap_views(kmap_grid, True),
+                kmap_tap_views(kmap_grid, False))
 
-    views = _ViewCache(build)
+    views = ViewCache(build)
     for n0, n1, g0, g1 in plan:
         sl = (slice(None, n1 - n0), slice(None, g1 - g0))
-        wq, kt, xv, wv, gwv = views((n1 - n0, g1 - g0))
-        goq = _to_grid(go_buf[sl], gog[n0:n1, g0:g1], geo)  # junk columns are zero: they scatter nothing
+        kmap_grid, kmap_compact, xv, wv, grad_kmap_views = views((n1 - n0, g1 - g0))
+        grad_out_grid = to_grid(go_buf[sl], gog[n0:n1, g0:g1], geo)  # junk columns are zero: they scatter nothing
         if need_x:
-            _kmap_chunk_to_grid(wq, kt, w2, b2, rs, n0, n1, g0, g1, kk, geo)
-            _grad_x_chunk(gxq_buf[sl], gx.unflatten(1, (g, cg))[n0:n1, g0:g1], xv, wv, goq, geo)
+            _kmap_chunk_to_grid(kmap_grid, kmap_compact, span, (n0, n1, g0, g1), geo)
+            grad_x_chunk(gxq_buf[sl], gx.unflatten(1, (g, cg))[n0:n1, g0:g1], xv, wv, grad_out_grid, geo)
         if need_kmap_grad:
             xq, tmp = xq_buf[sl], tmp_buf[sl]
-            _fill_phases(xq, xg[n0:n1, g0:g1], geo)
+            fill_phases(xq, xg[n0:n1, g0:g1], geo)
             for t in range(kk):
-                torch.sum(torch.mul(xv[t], goq, out=tmp), dim=2, out=gwv[t])
-            gk = wq.flatten(1, 2)  # (nb, gb*KK, L): grad kernel map on the grid, zero in the junk columns
+                torch.sum(torch.mul(xv[t], grad_out_grid, out=tmp), dim=2, out=grad_kmap_views[t])
+            gk = kmap_grid.flatten(1, 2)  # (nb, gb*KK, L): grad kernel map on the grid, zero in the junk columns
             if not grid:  # compact copy (nb, gb*KK, H_out*W_out)
-                kt.unflatten(-1, (geo.h_out, geo.w_out)).copy_(
+                kmap_compact.unflatten(-1, (geo.h_out, geo.w_out)).copy_(
                     gk.unflatten(-1, (geo.h_out, geo.wq))[..., :geo.w_out])
-                gk = kt
+                gk = kmap_compact
             rows = slice(g0 * kk, g1 * kk)
             if need_r:
-                wc = w2[rows].t().unsqueeze(0).expand(n1 - n0, -1, -1)  # (nb, Cr, gb*KK)
-                grs[n0:n1].baddbmm_(wc, gk)
+                wc = span.weight[rows].t().unsqueeze(0).expand(n1 - n0, -1, -1)  # (nb, Cr, gb*KK)
+                grad_r_flat[n0:n1].baddbmm_(wc, gk)
             if need_w and x.device.type != 'cpu':  # one launch for the whole chunk (= batch on CUDA)
-                gw2[rows] += torch.bmm(gk, rs[n0:n1].transpose(1, 2)).sum(0)
+                grad_span_w[rows] += torch.bmm(gk, span.r[n0:n1].transpose(1, 2)).sum(0)
             elif need_w:  # CPU: no (nb, gb*KK, Cr) temporary
                 for i in range(n1 - n0):
-                    gw2[rows].addmm_(gk[i], rs[n0 + i].t())
+                    grad_span_w[rows].addmm_(gk[i], span.r[n0 + i].t())
             if need_b:
-                gb2[rows] += gk.sum(dim=(0, 2))
+                grad_span_b[rows] += gk.sum(dim=(0, 2))
     gr = None
     if need_r:
-        gr = grs.unflatten(-1, (geo.h_out, geo.wq if grid else geo.w_out))[..., :geo.w_out].to(r.dtype)
-        gr = gr.contiguous(memory_format=_memory_format(r))
-    return gx, gr, gw2, gb2
+        gr = grad_r_flat.unflatten(-1, (geo.h_out, geo.wq if grid else geo.w_out))[..., :geo.w_out].to(r.dtype)
+        gr = gr.contiguous(memory_format=memory_format_of(r))
+    return gx, gr, grad_span_w, grad_span_b
 
 
 class _InvolutionSpanFunction(torch.autograd.Function):
@@ -181,14 +200,11 @@ class _InvolutionSpanFunction(torch.autograd.Function):
         n, c, h, w = x.shape
         ho, wo = r.shape[-2:]
         g = span_weight.shape[0] // (k * k)
-        geo = _Geometry(h, w, k, stride, padding, dilation, ho, wo)
-        acc = _acc_dtype(x.dtype)
-        w2 = span_weight.reshape(span_weight.shape[0], -1).to(acc)  # (G*KK, Cr)
-        b2 = (span_bias.to(acc) if span_bias is not None
-              else span_weight.new_zeros(span_weight.shape[0], dtype=acc)).unsqueeze(1)  # (G*KK, 1)
+        geo = Geometry(h, w, k, stride, padding, dilation, ho, wo)
+        span = _span_matrices(span_weight, span_bias, r, geo, accumulation_dtype(x.dtype))
         ctx.save_for_backward(x, r, span_weight, span_bias)
         ctx.args = (k, stride, padding, dilation, g, span_bias is not None)
-        return _forward_eager(x, r, w2, b2, geo, g)
+        return _forward_eager(x, span, geo, g)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -196,20 +212,17 @@ class _InvolutionSpanFunction(torch.autograd.Function):
         k, stride, padding, dilation, g, has_bias = ctx.args
         n, c, h, w = x.shape
         ho, wo = r.shape[-2:]
-        geo = _Geometry(h, w, k, stride, padding, dilation, ho, wo)
-        acc = _acc_dtype(x.dtype)
-        w2 = span_weight.reshape(span_weight.shape[0], -1).to(acc)
-        b2 = (span_bias.to(acc) if has_bias else span_weight.new_zeros(span_weight.shape[0], dtype=acc)).unsqueeze(1)
+        geo = Geometry(h, w, k, stride, padding, dilation, ho, wo)
+        span = _span_matrices(span_weight, span_bias if has_bias else None, r, geo, accumulation_dtype(x.dtype))
         need = ctx.needs_input_grad
-        gx, gr, gw2, gb2 = _backward_eager(x, r, w2, b2, grad_out, geo, g, need[0], need[1], need[2],
-                                           need[3] and has_bias)
-        gw = gw2.view(span_weight.shape).to(span_weight.dtype) if gw2 is not None else None
-        gb = gb2.to(span_bias.dtype) if gb2 is not None else None
+        gx, gr, grad_span_w, grad_span_b = _backward_eager(x, r, span, grad_out, geo, g,
+                                                           (need[0], need[1], need[2], need[3] and has_bias))
+        gw = grad_span_w.view(span_weight.shape).to(span_weight.dtype) if grad_span_w is not None else None
+        gb = grad_span_b.to(span_bias.dtype) if grad_span_b is not None else None
         return gx, gr, gw, gb, None, None, None, None
 
 
 def _check(x, r, span_weight, span_bias, k, stride, padding, dilation) -> None:
-    from . import output_size
     if x.dim() != 4 or r.dim() != 4:
         raise ValueError(f'involution_fused: x and r must be 4-D, got {tuple(x.shape)} and {tuple(r.shape)}')
     n, c, h, w = x.shape
@@ -237,41 +250,10 @@ def _check(x, r, span_weight, span_bias, k, stride, padding, dilation) -> None:
         raise ValueError('involution_fused: x, r, span weight and bias must share dtype and device')
 
 
-def involution_span_unfused(x, r, span_weight, span_bias, k: int, stride: int = 1, padding: Optional[int] = None,
-                            dilation: int = 1, backend: str = 'auto') -> torch.Tensor:
-    """The same math unfused: span conv, then :func:`rednet.ops.involution` (any backend, compile, export)."""
-    from . import involution
-    if padding is None:
-        padding = dilation * (k - 1) // 2
-    weight = F.conv2d(r, span_weight.reshape(span_weight.shape[0], -1, 1, 1), span_bias)
-    n, _, h, w = weight.shape
-    weight = weight.view(n, -1, k, k, h, w)
-    return involution(x, weight, stride=stride, padding=padding, dilation=dilation, backend=backend)
-
-
-def involution_fused(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor, span_bias: Optional[torch.Tensor],
-                     k: int, stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                     backend: str = 'native') -> torch.Tensor:
-    """``involution(x, span(r).view(N, G, K, K, H_out, W_out))`` without materialising the kernel map.
-
-    Args:
-        x: input (N, C, H, W).
-        r: reduced features (N, Cr, H_out, W_out) the kernel map is generated from.
-        span_weight: 1x1 conv weight (K*K*G, Cr, 1, 1) or (K*K*G, Cr); row ``(g*K + a)*K + b`` is tap (a, b)
-            of group g (the layout of ``weight.view(N, G, K, K, H_out, W_out)``).
-        span_bias: (K*K*G,) or None.
-        k, stride, padding (``None``: "same"), dilation: as for :func:`rednet.ops.involution`.
-        backend: ``'native'`` (chunked PyTorch ops, any device) or ``'cpp'`` (the C++ CPU kernels of
-            :mod:`rednet.ops.cpp`, which compute each (sample, group)'s kernel map in cache).
-
-    Eager only; under ``torch.compile``, tracing or ONNX export it falls back to the unfused math with
-    the ``native`` backend. Under autocast the inputs are cast to the autocast dtype first.
-    """
-    if padding is None:
-        padding = dilation * (k - 1) // 2
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
-            or torch.jit.is_scripting():
-        return involution_span_unfused(x, r, span_weight, span_bias, k, stride, padding, dilation, 'native')
+def span_involution(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor, span_bias: Optional[torch.Tensor],
+                    k: int, stride: int, padding: int, dilation: int, backend: str) -> torch.Tensor:
+    """The eager fused span conv + involution of :func:`rednet.ops.involution_fused` (``backend`` ``'native'`` or
+    ``'cpp'``): under autocast the inputs are cast to the autocast dtype first; the arguments are checked."""
     dev = x.device.type
     try:
         amp = torch.is_autocast_enabled(dev) and x.is_floating_point()
@@ -283,8 +265,7 @@ def involution_fused(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor
         span_bias = span_bias.to(dt) if span_bias is not None else None
     _check(x, r, span_weight, span_bias, k, stride, padding, dilation)
     if backend == 'cpp':
-        from .cpp import span_function
-        fn = span_function(x)
+        fn = cpp.span_function(x)
     elif backend == 'native':
         fn = _InvolutionSpanFunction
     else:

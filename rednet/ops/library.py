@@ -12,15 +12,19 @@ it as an opaque operator with
 ``kernel`` names the implementation: ``'cpp'`` (the C++ CPU kernels, :mod:`rednet.ops.cpp`), ``'triton'`` (the
 Triton kernels, errors raise) or ``'auto'`` (per device: ``cpp`` on CPU, Triton on CUDA with the self-checked
 fallback to ``native`` of :func:`rednet.ops.triton_kernels.safe_kernels`, ``native`` elsewhere).
+
+This is the one module that knows every kernel: :func:`involution_cpp` and :func:`involution_triton`, the entry
+points of the ``cpp`` and ``triton`` backends, live here, so the kernel modules never import it back.
 """
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from .native import _memory_format
+from . import cpp, native, triton_kernels
+from ._common import memory_format_of, not_eager
 
-__all__ = ['involution_op', 'KERNELS']
+__all__ = ['involution_op', 'involution_cpp', 'involution_triton', 'KERNELS']
 
 KERNELS = ('cpp', 'triton', 'auto')
 
@@ -30,19 +34,14 @@ _lib = torch.library.Library('rednet', 'FRAGMENT')  # noqa: the autocast kernels
 def _kernels(kernel: str, x: Tensor, weight: Tensor, stride: int, dilation: int):
     """The module whose ``forward``/``backward`` compute ``kernel`` on these inputs."""
     if kernel == 'cpp':
-        from . import cpp
         cpp.require(x)
         return cpp
     if kernel == 'triton':
-        from . import triton_kernels
         return triton_kernels
     if kernel != 'auto':
         raise ValueError(f'rednet::involution: kernel must be one of {KERNELS}, got {kernel!r}')
-    if x.device.type == 'cpu':
-        from . import cpp
-        if cpp.available():
-            return cpp
-    from . import native, triton_kernels
+    if x.device.type == 'cpu' and cpp.available():
+        return cpp
     if x.device.type == 'cuda':
         return triton_kernels.safe_kernels(x, weight.shape[2], stride, dilation)
     return native
@@ -58,7 +57,7 @@ def involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation
 def _involution_fake(x, weight, stride, padding, dilation, kernel):
     n, c = x.shape[:2]
     return torch.empty((n, c) + tuple(weight.shape[-2:]), dtype=x.dtype, device=x.device,
-                       memory_format=_memory_format(x))
+                       memory_format=memory_format_of(x))
 
 
 @torch.library.custom_op('rednet::involution_backward', mutates_args=())
@@ -72,7 +71,7 @@ def involution_backward_op(x: Tensor, weight: Tensor, grad_out: Tensor, stride: 
 
 @involution_backward_op.register_fake
 def _involution_backward_fake(x, weight, grad_out, stride, padding, dilation, kernel, need_x, need_w):
-    gx = torch.empty_like(x, memory_format=_memory_format(x)) if need_x else x.new_empty(0)
+    gx = torch.empty_like(x, memory_format=memory_format_of(x)) if need_x else x.new_empty(0)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0)
     return gx, gw
 
@@ -120,3 +119,21 @@ def _autocast_kernel(device_type: str):
 
 for _device, _key in _AUTOCAST_KEYS.items():
     _lib.impl('involution', _autocast_kernel(_device), _key)
+
+
+def involution_cpp(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0, dilation: int = 1) -> Tensor:
+    """Involution with the ``cpp`` backend (arguments already checked by :func:`rednet.ops.involution`): the
+    registered operator ``torch.ops.rednet.involution``, which ``torch.compile`` and ``torch.export`` keep."""
+    if not_eager():
+        return native.involution_functional(x, weight, stride, padding, dilation)
+    cpp.require(x)
+    return involution_op(x, weight, stride, padding, dilation, 'cpp')
+
+
+def involution_triton(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0, dilation: int = 1) -> Tensor:
+    """Involution with the Triton kernels (arguments already checked by :func:`rednet.ops.involution`), as the
+    registered operator ``torch.ops.rednet.involution`` (kept by ``torch.compile`` and ``torch.export``)."""
+    ok, why = triton_kernels.supports(x)
+    if not ok:
+        raise ValueError(f'involution: the triton backend cannot run this input: {why}')
+    return involution_op(x, weight, stride, padding, dilation, 'triton')

@@ -19,7 +19,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['involution_triton', 'supports', 'available', 'safe_kernels', 'forward', 'backward']
+from . import native
+from ._common import memory_format_of
+
+__all__ = ['supports', 'available', 'safe_kernels', 'forward', 'backward']
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # self-check tolerance (relative to the largest magnitude) against native in float64, per dtype
@@ -62,26 +65,14 @@ def supports(x: torch.Tensor) -> Tuple[bool, str]:
     return True, ''
 
 
-def _acc_dtype(x: torch.Tensor):
-    """The Triton accumulator dtype: float64 for float64 inputs, float32 otherwise."""
+def _triton_accumulator(x: torch.Tensor):
+    """The ``tl`` dtype the kernels accumulate in: float64 for float64 inputs, float32 otherwise."""
     tl = _impl().tl
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
 def _strides(t: torch.Tensor):
     return tuple(t.stride())
-
-
-def _block_c(cg: int) -> int:
-    return min(triton_next_pow2(cg), _impl().BLOCK_C_MAX)
-
-
-def triton_next_pow2(v: int) -> int:
-    return 1 << (v - 1).bit_length() if v > 1 else 1
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _weight_strides(weight: torch.Tensor):
@@ -100,25 +91,18 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.device.type == 'cuda' else contextlib.nullcontext()
 
 
-def _grid(n_groups: int, rows: int, cols: int, blocks_c: int):
-    """All programs on axis 0 (2^31 - 1 allowed): (sample, group) x channel blocks x pixel tiles."""
-    return lambda meta: (n_groups * blocks_c * triton_cdiv(rows * cols, meta['BLOCK_P']),)
-
-
 def forward(x, weight, stride, padding, dilation):
     """The forward kernel: out (N, C, H_out, W_out) in x's dtype and memory format."""
     impl = _impl()
     n, c, h, w = x.shape
     _, g, k, _, ho, wo = weight.shape
-    cg, bc = c // g, _block_c(c // g)
+    cg, bc = c // g, impl.block_c(c // g)
     weight, ws = _weight_strides(weight)
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
     with _on_device(x):
-        impl._fwd_kernel[_grid(n * g, ho, wo, triton_cdiv(cg, bc))](
+        impl._fwd_kernel[impl.grid(n * g, ho, wo, cg, bc)](
             x, weight, out, h, w, ho, wo, g, cg, *x.stride(), *ws, *out.stride(),
-            K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=bc, ACC=_acc_dtype(x))
+            K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=bc, ACC=_triton_accumulator(x))
     return out
 
 
@@ -127,20 +111,21 @@ def backward(x, weight, grad_out, stride, padding, dilation, need_x, need_w):
     impl = _impl()
     n, c, h, w = x.shape
     _, g, k, _, ho, wo = weight.shape
-    cg, bc = c // g, _block_c(c // g)
+    cg, bc = c // g, impl.block_c(c // g)
     weight, ws = _weight_strides(weight)
-    acc = _acc_dtype(x)
+    acc = _triton_accumulator(x)
     gx = gw = None
     with _on_device(x):
         if need_x:
             gx = torch.empty_like(x)
-            impl._bwd_x_kernel[_grid(n * g, h, w, triton_cdiv(cg, bc))](
+            impl._bwd_x_kernel[impl.grid(n * g, h, w, cg, bc)](
                 grad_out, weight, gx, h, w, ho, wo, g, cg, *grad_out.stride(), *ws, *gx.stride(),
                 K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=bc, ACC=acc)
         if need_w:
             gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
             _, gws = _weight_strides(gw)
-            impl._bwd_w_kernel[_grid(n * g, ho, wo, 1)](
+            # one channel block per (sample, group): the program loops over the group's channels itself
+            impl._bwd_w_kernel[impl.grid(n * g, ho, wo, bc, bc)](
                 x, grad_out, gw, h, w, ho, wo, g, cg, *x.stride(), *grad_out.stride(), *gws,
                 K=k, STRIDE=stride, PAD=padding, DIL=dilation, BLOCK_C=bc, ACC=acc)
     return gx, gw
@@ -148,7 +133,6 @@ def backward(x, weight, grad_out, stride, padding, dilation, need_x, need_w):
 
 def _self_check(x: torch.Tensor, k: int, stride: int, dilation: int) -> Optional[str]:
     """Run forward and backward on a tiny input like ``x``'s; None if they match native (float64), else why not."""
-    from . import native
     gen = torch.Generator().manual_seed(0)
     n, g, cg, size = 2, 2, 3, 2 * k + 3  # odd sizes, a group width that is not a power of two
     padding = dilation * (k - 1) // 2
@@ -192,7 +176,6 @@ class _Safe:
         return self._call('backward', *args)
 
     def _call(self, name, *args):
-        from . import native
         if _verdicts.get(self.key) is None:
             try:
                 return globals()[name](*args)
@@ -207,7 +190,6 @@ def safe_kernels(x: torch.Tensor, k: int, stride: int, dilation: int):
     Without Triton (or for a dtype it does not run) this is ``native`` (a CUDA tensor without Triton warns once,
     in :func:`rednet.ops.resolve_backend`).
     """
-    from . import native
     if not supports(x)[0]:
         return native
     key = (str(x.device), x.dtype, k, stride, dilation)
@@ -219,13 +201,3 @@ def safe_kernels(x: torch.Tensor, k: int, stride: int, dilation: int):
             _fail(key, why)
     return native if _verdicts[key] else _Safe(key)
 
-
-def involution_triton(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0,
-                      dilation: int = 1) -> torch.Tensor:
-    """Involution with the Triton kernels (arguments already checked by :func:`rednet.ops.involution`), as the
-    registered operator ``torch.ops.rednet.involution`` (kept by ``torch.compile`` and ``torch.export``)."""
-    ok, why = supports(x)
-    if not ok:
-        raise ValueError(f'involution: the triton backend cannot run this input: {why}')
-    from .library import involution_op
-    return involution_op(x, weight, stride, padding, dilation, 'triton')
