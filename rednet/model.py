@@ -28,18 +28,10 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from .ops import involution, involution_fused, not_eager, resolve_backend
+from .weights import DEPTHS, convert_state_dict, load_weights
 
 __all__ = ['Involution', 'Bottleneck', 'RedNet', 'DEPTHS', 'STAGE_WIDTHS', 'FUSE_MIN_BYTES', 'check_involution_args',
            'timm_small_input_stem']
-
-# blocks per stage, by depth
-DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
-    26: (1, 2, 4, 1),
-    38: (2, 3, 5, 2),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-}
 
 # the bottlenecks' mid widths (the involutions' channel counts), by stage
 STAGE_WIDTHS: Tuple[int, int, int, int] = (64, 128, 256, 512)
@@ -376,7 +368,6 @@ class RedNet(nn.Module):
 
     def load_pretrained(self, path: str) -> None:
         """timm's hook for ``pretrained=True`` with a local file: any format :func:`rednet.load_model` reads."""
-        from .checkpoint import load_weights
         load_weights(self, path)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,7 +456,6 @@ def timm_small_input_stem(model: nn.Module) -> nn.Module:
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RedNet) -> Dict[str, torch.Tensor]:
     """Convert an official (mmcls), PaddleClas or rednet state dict to this model's keys."""
-    from .checkpoint import convert_state_dict
     return convert_state_dict(state_dict, model)
 
 
