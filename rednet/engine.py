@@ -1,7 +1,7 @@
 """The training and evaluation loops and their plumbing, for ``train.py`` and ``eval.py``.
 
-- :func:`train_one_epoch`, :func:`evaluate` (loss, top-1/top-5 in percent, images, img/s; metrics reduced
-  across processes);
+- :func:`train_one_epoch` (the run's settings in a :class:`TrainSetup`, where it stands in a :class:`Progress`),
+  :func:`evaluate` (loss, top-1/top-5 in percent, images, img/s; metrics reduced across processes);
 - distributed setup/teardown (torchrun's ``env://``; NCCL on CUDA, gloo on CPU) and reductions;
 - :class:`WarmupCosine`: the paper's schedule (per-iteration linear warmup from a fraction of the lr, cosine
   stepped per epoch or per iteration);

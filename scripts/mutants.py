@@ -111,6 +111,9 @@ MUTANTS = [
     Mutant('data: every process evaluates the first shard', 'rednet/data.py',
            'list(range(rank, dataset_len, num_replicas))', 'list(range(0, dataset_len, num_replicas))',
            ['tests/test_data.py::test_train_sampler_is_a_function_of_seed_and_epoch']),
+    Mutant('data: the CIFAR crop pads one pixel more than crop_padding', 'rednet/data.py',
+           'T.RandomCrop(img_size, padding=padding)', 'T.RandomCrop(img_size, padding=padding + 1)',
+           ['tests/test_data.py::test_pad_crop_is_a_window_of_the_zero_padded_image']),
     # checkpoint
     Mutant('checkpoint: Paddle classifier not transposed', 'rednet/checkpoint.py',
            'value = value.t().contiguous()  # Paddle', 'value = value.contiguous()  # Paddle',
