@@ -454,8 +454,13 @@ def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]
     steplog = engine.StepLog(cfg.train.log_every, cfg.train.epochs, writer,
                              bar=cfg.train.progress and info.is_main and sys.stderr.isatty())
     stop = engine.StopFlag().install()
+    setup = engine.TrainSetup(
+        device=info.device, grad_accum=cfg.train.grad_accum, steps_per_epoch=steps_per_epoch, amp=cfg.train.amp,
+        scaler=scaler, clip_grad=cfg.train.clip_grad, clip_mode=cfg.train.clip_mode, mixup_fn=mixup_fn, ema=ema,
+        channels_last=cfg.train.channels_last, skip_nonfinite=cfg.train.skip_nonfinite, stop=stop, steplog=steplog)
+    progress = engine.Progress(global_step=step, batches_done=batches_done,
+                               last_checkpoint=str(resume_path) if resume_path is not None else None)
     last_path = ckpt_dir / 'last.pt'
-    last_good = str(resume_path) if resume_path is not None else None
     if rng is not None:
         engine.restore_rng_state(rng)  # last: nothing above may consume random numbers after this
 
@@ -466,24 +471,20 @@ def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]
     metrics: Dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
-            train_loader.sampler.set_epoch(epoch, skip=batches_done * cfg.train.batch_size)
-            stats = engine.train_one_epoch(
-                wrapped, train_loader, optimizer, scheduler, criterion, info.device, epoch,
-                global_step=step, batches_done=batches_done, steps_per_epoch=steps_per_epoch, amp=cfg.train.amp,
-                scaler=scaler, grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad,
-                clip_mode=cfg.train.clip_mode, mixup_fn=mixup_fn, ema=ema, channels_last=cfg.train.channels_last,
-                skip_nonfinite=cfg.train.skip_nonfinite, stop=stop, last_checkpoint=last_good, steplog=steplog)
-            step = stats['global_step']
+            train_loader.sampler.set_epoch(epoch, skip=progress.batches_done * cfg.train.batch_size)
+            stats = engine.train_one_epoch(wrapped, train_loader, optimizer, scheduler, criterion, epoch, setup,
+                                           progress)
+            step = progress.global_step
             engine.broadcast_buffers(model)  # validate and save the same BatchNorm statistics on every rank
             if ema is not None:
                 engine.broadcast_buffers(ema.module)
             if stats['interrupted']:
-                save_checkpoint(last_path, state(epoch, False, stats['batches_done']), info, model)
+                save_checkpoint(last_path, state(epoch, False, progress.batches_done), info, model)
                 log(f'SIGTERM: stopped at epoch {epoch}, step {step}; saved {last_path}. Continue with the same '
                     f'command plus train.resume=auto hydra.run.dir={run_dir}')
                 stop.pass_on()
                 return {'interrupted': True, 'run_dir': str(run_dir), **metrics}
-            batches_done = 0
+            progress.batches_done = 0
 
             last_epoch = epoch + 1 == cfg.train.epochs
             val = ema_val = None
@@ -506,7 +507,7 @@ def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]
                 skipped_images=stats['skipped_images'], val_skipped_images=val['skipped_images'] if val else None)
             log_epoch(writer, metrics_path, metrics)
             save_checkpoint(last_path, state(epoch, True, 0, metrics), info, model)
-            last_good = str(last_path)
+            progress.last_checkpoint = str(last_path)
             if is_best and cfg.train.save_best and info.is_main:
                 engine.atomic_link_or_copy(str(last_path), str(ckpt_dir / 'best.pt'))
             if engine.reduce_sum([float(stop.requested)], info.device)[0] > 0 and not last_epoch:

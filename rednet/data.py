@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -40,11 +41,19 @@ class BadImageError(DataError):
     """An image file that cannot be decoded."""
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read ``key`` from an OmegaConf node, a dict or an object."""
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+def _get(cfg: Any, key: str) -> Any:
+    """``key`` of a data config: an OmegaConf node, a plain dict (a checkpoint's stored config) or an object. A key
+    that ``cfg`` lacks has the schema's default (:class:`rednet.train_config.DataConfig`); an Enum choice is
+    read as its value."""
+    from enum import Enum
+    value = cfg.get(key, _UNSET) if isinstance(cfg, Mapping) else getattr(cfg, key, _UNSET)
+    if value is _UNSET:
+        from .train_config import DataConfig
+        value = getattr(DataConfig(), key)
+    return value.value if isinstance(value, Enum) else value
+
+
+_UNSET = object()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,56 +222,41 @@ class SyntheticDataset(TensorImageDataset):
 # ---------------------------------------------------------------------------------------------------------
 # transforms
 
-def _auto_augment(cfg: Any):
-    from timm.data.auto_augment import auto_augment_transform, augment_and_mix_transform, rand_augment_transform
-    aa = _get(cfg, 'auto_augment')
-    hparams = dict(translate_const=int(_get(cfg, 'img_size') * 0.45),
-                   img_mean=tuple(round(255 * m) for m in _get(cfg, 'mean')))
-    if aa.startswith('rand'):
-        return rand_augment_transform(aa, hparams)
-    if aa.startswith('augmix'):
-        return augment_and_mix_transform(aa, hparams)
-    return auto_augment_transform(aa, hparams)
-
-
 def build_transform(cfg: Any, is_training: bool, tensor_input: bool = False) -> Callable:
-    """Transform for data config ``cfg`` (see ``configs/data/*.yaml``).
+    """Transform for data config ``cfg`` (see ``configs/data/*.yaml``), from ``timm.data.create_transform``.
 
-    ``train_crop=rrc`` (ImageNet) and every evaluation transform come from ``timm.data.create_transform``;
-    ``train_crop=pad`` is a random crop with ``crop_padding`` zero padding (CIFAR); ``tensor_input`` is for the
-    in-memory data sets, whose images are already tensors of the right size.
+    Training is timm's pipeline (crop, flip; auto-augment or colour jitter; to tensor, normalise, random
+    erasing) with the crop of ``train_crop``: ``rrc`` timm's RandomResizedCrop (ImageNet), ``pad`` a random crop
+    of ``img_size`` from the image zero-padded by ``crop_padding`` pixels on each side (CIFAR; no crop when it is
+    0), ``none`` no crop. Evaluation is timm's resize and centre crop. ``tensor_input``: the in-memory data
+    sets, whose images are already tensors of the right size; they are only normalised for evaluation, and
+    train without auto-augment (PIL images only).
     """
-    from torchvision import transforms as T
     from timm.data import create_transform
-    from timm.data.random_erasing import RandomErasing
-    img_size = int(_get(cfg, 'img_size'))
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+    crop, img_size = _get(cfg, 'train_crop'), int(_get(cfg, 'img_size'))
     mean, std = tuple(_get(cfg, 'mean')), tuple(_get(cfg, 'std'))
-    crop = _get(cfg, 'train_crop', 'rrc')
-    if not tensor_input and (not is_training or crop == 'rrc'):
-        return create_transform(
-            img_size, is_training=is_training, scale=tuple(_get(cfg, 'scale')), ratio=tuple(_get(cfg, 'ratio')),
-            hflip=float(_get(cfg, 'hflip', 0.5)), color_jitter=float(_get(cfg, 'color_jitter', 0.0)) or None,
-            auto_augment=_get(cfg, 'auto_augment'), interpolation=_get(cfg, 'interpolation', 'bilinear'),
-            mean=mean, std=std, re_prob=float(_get(cfg, 're_prob', 0.0)), crop_pct=float(_get(cfg, 'crop_pct')))
     if crop not in ('rrc', 'pad', 'none'):
         raise ValueError(f"data.train_crop must be one of rrc, pad, none; got {crop!r}")
-    ops: List[Callable] = []
-    if is_training:
-        if crop == 'pad' and int(_get(cfg, 'crop_padding', 0)) > 0:
-            ops.append(T.RandomCrop(img_size, padding=int(_get(cfg, 'crop_padding'))))
-        elif crop == 'rrc':
-            ops.append(T.RandomResizedCrop(img_size, scale=tuple(_get(cfg, 'scale')),
-                                           ratio=tuple(_get(cfg, 'ratio')), antialias=True))
-        if float(_get(cfg, 'hflip', 0.5)) > 0:
-            ops.append(T.RandomHorizontalFlip(float(_get(cfg, 'hflip'))))
-        if _get(cfg, 'auto_augment') and not tensor_input:
-            ops.append(_auto_augment(cfg))
-    if not tensor_input:
-        ops.append(T.ToTensor())
-    ops.append(T.Normalize(mean, std))
-    if is_training and float(_get(cfg, 're_prob', 0.0)) > 0:
-        ops.append(RandomErasing(float(_get(cfg, 're_prob')), device='cpu'))  # timm's default mode, as create_transform
-    return T.Compose(ops)
+    if not is_training and tensor_input:
+        return T.Normalize(mean, std)
+    stages = create_transform(
+        img_size, is_training=is_training, scale=tuple(_get(cfg, 'scale')), ratio=tuple(_get(cfg, 'ratio')),
+        hflip=float(_get(cfg, 'hflip')), color_jitter=float(_get(cfg, 'color_jitter')) or None,
+        auto_augment=None if tensor_input else _get(cfg, 'auto_augment'), interpolation=_get(cfg, 'interpolation'),
+        mean=mean, std=std, re_prob=float(_get(cfg, 're_prob')), crop_pct=float(_get(cfg, 'crop_pct')),
+        separate=is_training)
+    if not is_training:
+        return stages
+    primary, secondary, final = stages
+    ops = list(primary.transforms)
+    if crop != 'rrc':
+        ops = [op for op in ops if not isinstance(op, RandomResizedCropAndInterpolation)]
+        padding = int(_get(cfg, 'crop_padding'))
+        if crop == 'pad' and padding > 0:
+            ops.insert(0, T.RandomCrop(img_size, padding=padding))
+    return T.Compose(ops + list(secondary.transforms) + list(final.transforms))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +275,7 @@ def _cifar(cfg: Any, train: bool, transform: Callable) -> Dataset:
         reason = str(e)
     where = (f'download {url} and extract it into {root} so that {os.path.join(root, folder)}/ holds the '
              f'batch files, or set data.root=PATH to where they are')
-    if not _get(cfg, 'download', True):
+    if not _get(cfg, 'download'):
         raise DataError(f'{name} not found under {os.path.join(root, folder)} ({reason}) and '
                         f'data.download=false: {where}')
     try:
@@ -311,7 +305,7 @@ def build_dataset(cfg: Any, train: bool, seed: int = 0, class_to_idx: Optional[D
         return _cifar(cfg, train, transform)
     split = _get(cfg, 'train_split' if train else 'val_split')
     split_dir = _check_split(_get(cfg, 'root'), split, name)
-    return ImageFolderRGB(str(split_dir), transform, _get(cfg, 'bad_images', 'error'), class_to_idx)
+    return ImageFolderRGB(str(split_dir), transform, _get(cfg, 'bad_images'), class_to_idx)
 
 
 # ---------------------------------------------------------------------------------------------------------

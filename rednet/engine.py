@@ -1,7 +1,7 @@
 """The training and evaluation loops and their plumbing, for ``train.py`` and ``eval.py``.
 
-- :func:`train_one_epoch`, :func:`evaluate` (loss, top-1/top-5 in percent, images, img/s; metrics reduced
-  across processes);
+- :func:`train_one_epoch` (the run's settings in a :class:`TrainSetup`, where it stands in a :class:`Progress`),
+  :func:`evaluate` (loss, top-1/top-5 in percent, images, img/s; metrics reduced across processes);
 - distributed setup/teardown (torchrun's ``env://``; NCCL on CUDA, gloo on CPU) and reductions;
 - :class:`WarmupCosine`: the paper's schedule (per-iteration linear warmup from a fraction of the lr, cosine
   stepped per epoch or per iteration);
@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -33,7 +33,7 @@ __all__ = ['DistInfo', 'setup_distributed', 'cleanup_distributed', 'reduce_sum',
            'atomic_link_or_copy', 'log', 'log_to_file', 'StepLog', 'run_cli', 'broadcast_buffers',
            'reduce_tensor_sum', 'remove_stale_temp_files',
            'capture_rng_state', 'restore_rng_state', 'set_deterministic',
-           'autocast', 'accuracy', 'train_one_epoch', 'evaluate']
+           'autocast', 'accuracy', 'TrainSetup', 'Progress', 'train_one_epoch', 'evaluate']
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -382,26 +382,6 @@ class StopFlag:
         self.signum = signum
 
 
-def _test_fault(step: int, kinds: Tuple[str, ...] = ('KILL', 'TERM', 'TERMPG')) -> Optional[str]:
-    """Fault injection for the test suite: ``_REDNET_FAULT=KIND@STEP`` with KIND one of KILL, TERM (sent after
-    optimizer step STEP), TERMPG (SIGTERM to the whole process group, as SLURM's ``--signal`` and Kubernetes
-    send it; only where the group is a session of its own, so a test runner is never hit), NAN (the loss of
-    step STEP becomes NaN)."""
-    spec = os.environ.get('_REDNET_FAULT')
-    if not spec:
-        return None
-    kind, _, at = spec.partition('@')
-    if kind not in kinds or int(at) != step:
-        return None
-    if kind == 'KILL':
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == 'TERM':
-        os.kill(os.getpid(), signal.SIGTERM)
-    elif kind == 'TERMPG' and os.getpgid(0) == os.getsid(0):
-        os.killpg(os.getpgid(0), signal.SIGTERM)
-    return kind
-
-
 # ---------------------------------------------------------------------------------------------------------
 # loops
 
@@ -561,12 +541,39 @@ def _nonfinite_error(where: str, last_checkpoint: Optional[str]) -> NonFiniteLos
         f'train.skip_nonfinite=true to skip such steps)')
 
 
-def _optimizer_step(model, optimizer, scaler, clip_grad, clip_mode) -> None:
+@dataclass
+class TrainSetup:
+    """How :func:`train_one_epoch` trains: the settings of the whole run, built once by ``train.py``."""
+    device: torch.device = torch.device('cpu')
+    grad_accum: int = 1                              # micro-batches per optimizer step
+    steps_per_epoch: Optional[int] = None            # None: as many as the loader's batches make
+    amp: Optional[str] = None                        # None | 'bf16' | 'fp16' (autocast)
+    scaler: Optional[torch.amp.GradScaler] = None    # fp16's loss scaling
+    clip_grad: Optional[float] = None                # None: no clipping
+    clip_mode: str = 'norm'                          # norm | value | agc (timm's dispatch_clip_grad)
+    mixup_fn: Optional[Callable] = None              # timm's Mixup/CutMix
+    ema: Optional[nn.Module] = None                  # timm's ModelEmaV3, updated after every step
+    channels_last: bool = False
+    skip_nonfinite: bool = False                     # skip a step with a non-finite loss instead of stopping
+    stop: Optional[StopFlag] = None                  # SIGTERM: leave the epoch at the next step boundary
+    steplog: StepLog = field(default_factory=StepLog)
+
+
+@dataclass
+class Progress:
+    """Where the run is. :func:`train_one_epoch` starts from it and moves it on."""
+    global_step: int = 0                             # optimizer steps taken (skipped ones included)
+    batches_done: int = 0                            # micro-batches of the epoch whose step is taken
+    last_checkpoint: Optional[str] = None            # named when a non-finite loss stops the run
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, setup: TrainSetup) -> None:
     from timm.utils import dispatch_clip_grad
-    if clip_grad:
+    scaler = setup.scaler
+    if setup.clip_grad:
         if scaler is not None:
             scaler.unscale_(optimizer)
-        dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+        dispatch_clip_grad(model.parameters(), setup.clip_grad, mode=setup.clip_mode)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -574,57 +581,35 @@ def _optimizer_step(model, optimizer, scaler, clip_grad, clip_mode) -> None:
         optimizer.step()
 
 
-def train_one_epoch(
-        model: nn.Module,
-        loader: Iterable,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        criterion: Callable,
-        device: torch.device,
-        epoch: int,
-        *,
-        global_step: int = 0,
-        batches_done: int = 0,
-        steps_per_epoch: Optional[int] = None,
-        amp: Optional[str] = None,
-        scaler: Optional[torch.amp.GradScaler] = None,
-        grad_accum: int = 1,
-        clip_grad: Optional[float] = None,
-        clip_mode: str = 'norm',
-        mixup_fn: Optional[Callable] = None,
-        ema: Optional[nn.Module] = None,
-        channels_last: bool = False,
-        skip_nonfinite: bool = False,
-        stop: Optional[StopFlag] = None,
-        last_checkpoint: Optional[str] = None,
-        steplog: Optional[StepLog] = None,
-) -> Dict[str, Any]:
-    """One epoch (or what remains of it after ``batches_done`` micro-batches).
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    criterion: Callable, epoch: int, setup: TrainSetup, progress: Progress) -> Dict[str, Any]:
+    """One epoch, or what remains of it after ``progress.batches_done`` micro-batches.
 
-    Every ``grad_accum`` micro-batches make one optimizer step followed by ``scheduler.step()``. Returns
-    ``loss`` (mean per sample over all processes), ``images`` (all processes), ``img_per_sec``, ``time``,
-    ``lr`` (of the last step), ``global_step``, ``batches_done``, ``skipped_steps``, ``skipped_images``
-    (unreadable images left out, all processes) and ``interrupted`` (SIGTERM: the epoch was left early at a
-    step boundary). A non-finite loss raises :class:`NonFiniteLossError` naming the step and
-    ``last_checkpoint``, or with ``skip_nonfinite`` skips the step with a warning.
+    Every ``setup.grad_accum`` micro-batches make one optimizer step followed by ``scheduler.step()``;
+    ``progress.global_step`` counts them and ``progress.batches_done`` ends at the micro-batches done in the
+    epoch. Returns ``loss`` (mean per sample over all processes), ``images`` (all processes), ``img_per_sec``,
+    ``time``, ``lr`` (of the last step), ``skipped_steps``, ``skipped_images`` (unreadable images left out, all
+    processes) and ``interrupted`` (SIGTERM: the epoch was left early at a step boundary). A non-finite loss
+    raises :class:`NonFiniteLossError` naming the step and ``progress.last_checkpoint``, or with
+    ``setup.skip_nonfinite`` skips the step with a warning.
 
     Host synchronisation: none per micro-batch; one per optimizer step, where the non-finite and SIGTERM flags
     of all processes travel together in one two-element all-reduce; losses stay on the device and are read
-    every ``steplog.every`` steps (log line, TensorBoard, progress bar) and at the end of the epoch.
+    every ``setup.steplog.every`` steps (log line, TensorBoard, progress bar) and at the end of the epoch.
     """
     model.train()
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    total_batches = len(loader) + batches_done  # loader already skips the done samples
+    device, grad_accum, scaler, steplog = setup.device, setup.grad_accum, setup.scaler, setup.steplog
+    batch_idx = progress.batches_done
+    steps_per_epoch = setup.steps_per_epoch
     if steps_per_epoch is None:
-        steps_per_epoch = total_batches // grad_accum
+        steps_per_epoch = (len(loader) + batch_idx) // grad_accum  # the loader skips the done samples
     last_batch = steps_per_epoch * grad_accum  # leftover micro-batches that make no full step are dropped
     sums = _StepSums(device)
     skipped, interrupted = 0, False
     lr = optimizer.param_groups[0]['lr']
-    steplog = steplog or StepLog()
-    steplog.start_epoch(epoch, steps_per_epoch, batches_done // grad_accum, (batches_done, last_batch))
+    steplog.start_epoch(epoch, steps_per_epoch, batch_idx // grad_accum, (batch_idx, last_batch))
     start = time.perf_counter()
-    batch_idx = batches_done
     optimizer.zero_grad(set_to_none=True)
     try:
         for batch in loader:
@@ -632,17 +617,15 @@ def train_one_epoch(
                 break
             steplog.batch_ready()
             images, target, skipped_images = _unpack(batch)
-            images, target = _to_device(images, target, device, channels_last)
-            if mixup_fn is not None:
-                images, target = mixup_fn(images, target)
+            images, target = _to_device(images, target, device, setup.channels_last)
+            if setup.mixup_fn is not None:
+                images, target = setup.mixup_fn(images, target)
             is_step = (batch_idx + 1) % grad_accum == 0
             sync = contextlib.nullcontext() if (is_step or not is_ddp) else model.no_sync()
             with sync:
-                with autocast(device, amp):
+                with autocast(device, setup.amp):
                     output = model(images)
                     loss = criterion(output, target)
-                if _test_fault(global_step + 1, ('NAN',)) == 'NAN':
-                    loss = loss * float('nan')
                 scaled = loss / grad_accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             sums.add(loss, images.shape[0], skipped_images)
@@ -650,8 +633,9 @@ def train_one_epoch(
             steplog.batch_done(images.shape[0])
             if not is_step:
                 continue
-            log_now = steplog.due(global_step + 1)
-            flags = sums.flags(stop is not None and stop.requested)
+            step = progress.global_step + 1
+            log_now = steplog.due(step)
+            flags = sums.flags(setup.stop is not None and setup.stop.requested)
             if log_now:  # read the losses in the same host synchronisation as the flags
                 bad, stop_seen, step_loss, epoch_loss = torch.cat(
                     [flags.double(), (sums.group_loss / max(sums.group_images, 1)).view(1),
@@ -659,25 +643,24 @@ def train_one_epoch(
             else:
                 bad, stop_seen = flags.tolist()
             if bad > 0:
-                where = (f'non-finite loss at epoch {epoch}, optimizer step {global_step + 1} (micro-batches '
+                where = (f'non-finite loss at epoch {epoch}, optimizer step {step} (micro-batches '
                          f'{batch_idx - grad_accum}-{batch_idx - 1} of the epoch)')
-                if not skip_nonfinite:
-                    raise _nonfinite_error(where, last_checkpoint)
+                if not setup.skip_nonfinite:
+                    raise _nonfinite_error(where, progress.last_checkpoint)
                 warnings.warn(f'{where}: skipping this optimizer step (train.skip_nonfinite=true)')
                 skipped += 1
                 sums.discard()
             else:
-                _optimizer_step(model, optimizer, scaler, clip_grad, clip_mode)
-                if ema is not None:
-                    ema.update(timm.utils.unwrap_model(model), step=global_step + 1)
+                _optimizer_step(model, optimizer, setup)
+                if setup.ema is not None:
+                    setup.ema.update(timm.utils.unwrap_model(model), step=step)
                 sums.commit()
             optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]['lr']
             scheduler.step()
-            global_step += 1
-            _test_fault(global_step)
+            progress.global_step, progress.batches_done = step, batch_idx
             if log_now:
-                steplog.step(global_step, batch_idx // grad_accum, step_loss, epoch_loss, lr)
+                steplog.step(step, batch_idx // grad_accum, step_loss, epoch_loss, lr)
             if stop_seen > 0:  # SIGTERM seen by any process before this step: all stop here
                 interrupted = True
                 break
@@ -688,8 +671,8 @@ def train_one_epoch(
     totals = torch.cat([sums.loss.view(1), counts])
     loss_sum, count, skipped_images = reduce_tensor_sum(totals).tolist()
     return dict(loss=loss_sum / max(count, 1), images=int(count), time=elapsed,
-                img_per_sec=count / max(elapsed, 1e-9), lr=lr, global_step=global_step, batches_done=batch_idx,
-                interrupted=interrupted, skipped_steps=skipped, skipped_images=int(skipped_images))
+                img_per_sec=count / max(elapsed, 1e-9), lr=lr, interrupted=interrupted, skipped_steps=skipped,
+                skipped_images=int(skipped_images))
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ MUTANTS = [
            'return RemappedTargets(dataset, mapping)', 'return dataset',
            ['tests/test_eval.py::test_class_count_mismatch_and_class_map']),
     Mutant('engine: gradient clipping ignored', 'rednet/engine.py',
-           'dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)', 'pass', [STEPS]),
+           'dispatch_clip_grad(model.parameters(), setup.clip_grad, mode=setup.clip_mode)', 'pass', [STEPS]),
     Mutant('native: never-read input pixels not zeroed in grad_x', 'rednet/ops/native.py',
            '    if not geo.covers_input:\n        gxc.zero_()', '    if False:\n        gxc.zero_()',
            ['tests/test_ops.py::test_fast_matches_reference_float64[n1c4_7x7_g1_k3_s3_d1_p0-native]',
@@ -83,7 +83,7 @@ MUTANTS = [
            '0.5 * (1 + math.cos(math.pi * progress))', '0.5 * (1 + math.cos(math.pi * progress / 2))',
            [f'{T_RECIPE}::test_warmup_cosine_schedule_follows_its_formula']),
     Mutant('engine: EMA never updated', 'rednet/engine.py',
-           'ema.update(timm.utils.unwrap_model(model), step=global_step + 1)', 'pass',
+           'setup.ema.update(timm.utils.unwrap_model(model), step=step)', 'pass',
            [f'{T_RECIPE}::test_ema_follows_its_formula']),
     Mutant('engine: evaluation loss averaged per batch', 'rednet/engine.py',
            "F.cross_entropy(output, target, reduction='sum')", "F.cross_entropy(output, target, reduction='mean')",
@@ -103,7 +103,7 @@ MUTANTS = [
            "ema.module.load_state_dict(ckpt['ema'])", 'ema.module.load_state_dict(model.state_dict())',
            [RESUME_EPOCH]),
     Mutant('train.py: mid-epoch resume repeats the epoch\'s first batches', 'train.py',
-           'skip=batches_done * cfg.train.batch_size)', 'skip=0)', [RESUME_MID]),
+           'skip=progress.batches_done * cfg.train.batch_size)', 'skip=0)', [RESUME_MID]),
     # data
     Mutant('data: the same shuffle every epoch', 'rednet/data.py',
            'manual_seed(self.seed * 100003 + self.epoch)', 'manual_seed(self.seed * 100003)',
@@ -111,6 +111,9 @@ MUTANTS = [
     Mutant('data: every process evaluates the first shard', 'rednet/data.py',
            'list(range(rank, dataset_len, num_replicas))', 'list(range(0, dataset_len, num_replicas))',
            ['tests/test_data.py::test_train_sampler_is_a_function_of_seed_and_epoch']),
+    Mutant('data: the CIFAR crop pads one pixel more than crop_padding', 'rednet/data.py',
+           'T.RandomCrop(img_size, padding=padding)', 'T.RandomCrop(img_size, padding=padding + 1)',
+           ['tests/test_data.py::test_pad_crop_is_a_window_of_the_zero_padded_image']),
     # checkpoint
     Mutant('checkpoint: Paddle classifier not transposed', 'rednet/checkpoint.py',
            'value = value.t().contiguous()  # Paddle', 'value = value.contiguous()  # Paddle',
@@ -146,7 +149,6 @@ def _copy_repo() -> Path:
 
 def _pytest(root: Path, tests: List[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, 'PYTHONDONTWRITEBYTECODE': '1'}
-    env.pop('_REDNET_FAULT', None)
     env.setdefault('TORCH_EXTENSIONS_DIR', str(REPO / '.torch_ext'))  # reuse the C++ build: same sources
     cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-rf', '-p', 'no:cacheprovider', *tests]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)

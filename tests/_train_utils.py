@@ -30,10 +30,12 @@ def compose(overrides: Optional[List[str]] = None):
 
 
 def run_train(args: List[str], env: Optional[dict] = None, torchrun: int = 0, timeout: int = 300,
-              script: str = 'train.py'):
-    """Run ``train.py`` (or ``torchrun --nproc_per_node=N train.py``) from the repository root."""
+              script: str = 'train.py', fault: Optional[str] = None):
+    """Run ``train.py`` (or ``torchrun --nproc_per_node=N train.py``) from the repository root; with ``fault``
+    (``KIND@STEP``, see ``_faulty_train.py``) through the launcher that injects it."""
     full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
-    full_env.pop('_REDNET_FAULT', None) if not env or '_REDNET_FAULT' not in env else None
+    if fault:
+        script, args = 'tests/_faulty_train.py', [fault, *args]
     if torchrun:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',
                script, *args]

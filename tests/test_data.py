@@ -173,3 +173,119 @@ def test_train_sampler_is_a_function_of_seed_and_epoch():
     assert len(list(odd)) == 4  # padded like DistributedSampler
     ev = [list(rdata.EvalSampler(7, 2, r)) for r in range(2)]
     assert sorted(ev[0] + ev[1]) == list(range(7))  # each image exactly once
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the padded random crop (train_crop=pad: CIFAR, digits), checked against windows of a hand-padded image
+
+MEAN, STD = (0.21, 0.41, 0.61), (0.5, 0.25, 0.125)
+SIZE, PAD = 8, 2
+
+
+def _pad_cfg(**kw):
+    cfg = dict(img_size=SIZE, train_crop='pad', crop_padding=PAD, hflip=0.5, re_prob=0.0, color_jitter=0.0,
+               auto_augment=None, mean=list(MEAN), std=list(STD), scale=[0.08, 1.0], ratio=[0.75, 1.333],
+               interpolation='bilinear', crop_pct=1.0)
+    cfg.update(kw)
+    return cfg
+
+
+def _distinct_image():
+    """An 8x8 RGB image whose 192 values are all different and none 0 (the padding's value)."""
+    values = np.random.default_rng(1).permutation(np.arange(1, 193)).astype(np.uint8).reshape(SIZE, SIZE, 3)
+    return values, Image.fromarray(values)
+
+
+def _windows(values):
+    """{(flipped, top, left): the normalised SIZE x SIZE window of the image zero-padded by PAD, as (C, H, W)}."""
+    padded = np.pad(values / 255.0, ((PAD, PAD), (PAD, PAD), (0, 0)))
+    out = {}
+    for flipped in (False, True):
+        for top in range(2 * PAD + 1):
+            for left in range(2 * PAD + 1):
+                w = padded[top:top + SIZE, left:left + SIZE]
+                w = w[:, ::-1] if flipped else w
+                out[flipped, top, left] = torch.from_numpy(((w - MEAN) / STD).transpose(2, 0, 1).copy()).float()
+    return out
+
+
+def _which_window(y, windows):
+    keys, stacked = list(windows), torch.stack(list(windows.values()))
+    hits = [keys[i] for i in torch.nonzero((stacked - y).abs().amax((1, 2, 3)) < 1e-5).flatten().tolist()]
+    assert len(hits) == 1, f'the output is not one window of the padded image: {hits}'
+    return hits[0]
+
+
+@pytest.mark.parametrize('tensor_input', [False, True], ids=['pil', 'tensor'])
+def test_pad_crop_is_a_window_of_the_zero_padded_image(tensor_input):
+    """CIFAR (PIL images) and digits (tensors): every output is a window of the image zero-padded by
+    crop_padding, normalised with the config's mean/std; all (2 x 2 + 1)^2 offsets occur, and flips."""
+    values, img = _distinct_image()
+    x = torch.from_numpy(values.transpose(2, 0, 1) / 255.0).float() if tensor_input else img
+    transform = rdata.build_transform(_pad_cfg(), True, tensor_input=tensor_input)
+    windows, seen = _windows(values), set()
+    for seed in range(300):
+        rdata.seed_sample(seed)
+        y = transform(x)
+        assert y.shape == (3, SIZE, SIZE) and y.dtype == torch.float32
+        seen.add(_which_window(y, windows))
+    assert {(top, left) for _, top, left in seen} == {(t, s) for t in range(5) for s in range(5)}
+    assert {flipped for flipped, _, _ in seen} == {False, True}
+    # a window at the corner holds padding: zeros normalised to -mean / std
+    corner = windows[False, 0, 0]
+    assert torch.allclose(corner[:, 0, 0], -torch.tensor(MEAN) / torch.tensor(STD))
+
+
+@pytest.mark.parametrize('hflip,low,high', [(0.0, 0, 0), (0.25, 60, 140), (0.5, 150, 250)])
+def test_pad_crop_flips_with_probability_hflip(hflip, low, high):
+    """400 samples: the flipped ones are Binomial(400, hflip) (bounds at about 4.5 standard deviations)."""
+    values, img = _distinct_image()
+    transform = rdata.build_transform(_pad_cfg(hflip=hflip), True)
+    windows = _windows(values)
+    flips = 0
+    for seed in range(400):
+        rdata.seed_sample(seed)
+        flips += _which_window(transform(img), windows)[0]
+    assert low <= flips <= high, flips
+
+
+def _erased(y):
+    """Whether some pixel is exactly 0 in every channel: RandomErasing's constant fill. The normalised image has
+    no 0 ((v - mean) / std, v = k / 255, with means that are no multiples of 1 / 255)."""
+    return bool((y == 0).all(0).any())
+
+
+@pytest.mark.parametrize('crop', ['pad', 'rrc'])
+def test_random_erasing_fills_with_zeros_on_both_paths(crop):
+    """re_prob=1: timm's RandomErasing in its default mode (a constant 0 after normalisation) erases a rectangle
+    of every training image, on the CIFAR path as on the ImageNet one ('pixel' mode would fill random values)."""
+    _, img = _distinct_image()
+    transform = rdata.build_transform(_pad_cfg(train_crop=crop, re_prob=1.0, scale=[0.5, 1.0]), True)
+    plain = rdata.build_transform(_pad_cfg(train_crop=crop, re_prob=0.0, scale=[0.5, 1.0]), True)
+    for seed in range(20):
+        rdata.seed_sample(seed)
+        assert _erased(transform(img)), seed
+        rdata.seed_sample(seed)
+        assert not _erased(plain(img)), seed
+
+
+def test_missing_data_keys_take_the_schema_defaults():
+    """A plain dict (a checkpoint's stored data config) or an OmegaConf node without some keys reads them from
+    DataConfig, so the schema holds the only defaults."""
+    from dataclasses import asdict
+    from omegaconf import OmegaConf
+    from rednet.train_config import DataConfig
+    schema = asdict(DataConfig())
+    node = OmegaConf.create({'img_size': 12})
+    OmegaConf.set_struct(node, True)
+    for cfg in ({}, {'img_size': 12}, node):
+        for key, value in schema.items():
+            want = 12 if key == 'img_size' and cfg else value
+            assert rdata._get(cfg, key) == want, key
+    assert rdata._get({'hflip': 0.0, 'root': None}, 'hflip') == 0.0  # a stored value wins, also a falsy one
+    assert rdata._get({'root': None}, 'root') is None
+    # a dict with only what differs from the schema builds the schema's pipeline (flip 0.5, no erasing)
+    transform = rdata.build_transform(dict(img_size=SIZE, train_crop='pad', crop_padding=PAD), True)
+    names = [type(op).__name__ for op in transform.transforms]
+    assert names == ['RandomCrop', 'RandomHorizontalFlip', 'MaybeToTensor', 'Normalize'], names
+    assert transform.transforms[1].p == DataConfig.hflip

@@ -131,7 +131,7 @@ def test_chaos_kill9_at_a_random_step_resumes_to_the_same_weights(reference, tmp
     step = random.Random(10).randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 1)
     run_dir = tmp_path / 'run'
     args = DDP + [f'hydra.run.dir={run_dir}']
-    r = run_train(args, env={'_REDNET_FAULT': f'KILL@{step}'}, torchrun=2)
+    r = run_train(args, fault=f'KILL@{step}', torchrun=2)
     assert r.returncode != 0 and f'Signal {int(signal.SIGKILL)}' in r.stderr or 'SIGKILL' in r.stderr, \
         r.stderr[-3000:]
     assert _load(run_dir / 'checkpoints' / 'last.pt')['step'] == STEPS_PER_EPOCH

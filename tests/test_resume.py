@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from _faulty_train import inject
 from _train_utils import TINY, compose
 
 import train  # noqa: E402
@@ -42,9 +43,9 @@ def test_resume_with_another_batch_size_continues_at_the_same_fraction(tmp_path,
     batch-8 run has at that point."""
     run_dir = tmp_path / 'run'
     args = TINY + ['schedule.warmup_epochs=0', 'schedule.per_step=true', 'train.epochs=1', 'data.val_size=8']
-    monkeypatch.setenv('_REDNET_FAULT', 'TERM@1')  # SIGTERM after step 1: the loop stops after step 2
-    result = train.train(compose(args), run_dir=str(run_dir))
-    monkeypatch.delenv('_REDNET_FAULT')
+    with pytest.MonkeyPatch.context() as mp:
+        inject('TERM@1', mp)  # SIGTERM after step 1: the loop stops after step 2
+        result = train.train(compose(args), run_dir=str(run_dir))
     assert result['interrupted']
     ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 0 and ckpt['batches_done'] == 2 and ckpt['step'] == 2

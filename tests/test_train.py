@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 
+from _faulty_train import inject
 from _train_utils import REPO, TINY, compose, run_train
 
 import train  # noqa: E402
@@ -98,9 +99,9 @@ def uninterrupted(tmp_path_factory):
 def _run_own_session(args, fault):
     """train.py in a session (and process group) of its own, so a signal to its group reaches only it and its
     loader workers."""
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', '_REDNET_FAULT': fault}
-    return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300, start_new_session=True)
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    return subprocess.run([sys.executable, 'tests/_faulty_train.py', fault, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
 
 
 def test_group_sigterm_then_sigkill_with_workers_resumes_bit_identical(tmp_path, uninterrupted):
@@ -115,7 +116,7 @@ def test_group_sigterm_then_sigkill_with_workers_resumes_bit_identical(tmp_path,
     ckpt = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 0 and not ckpt['epoch_complete'] and ckpt['step'] == 3 and ckpt['batches_done'] == 3
     assert not (run_dir / 'metrics.jsonl').read_text().strip()  # no epoch finished
-    r = run_train(args + ['train.resume=auto'], env={'_REDNET_FAULT': 'KILL@6'})
+    r = run_train(args + ['train.resume=auto'], fault='KILL@6')
     assert r.returncode == -signal.SIGKILL
     killed = torch.load(run_dir / 'checkpoints' / 'last.pt', map_location='cpu', weights_only=True)
     assert killed['epoch'] == 0 and killed['epoch_complete'] and killed['step'] == 4
@@ -135,7 +136,7 @@ def test_group_sigterm_then_sigkill_with_workers_resumes_bit_identical(tmp_path,
 
 def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
     run_dir = tmp_path / 'run'
-    monkeypatch.setenv('_REDNET_FAULT', 'NAN@6')
+    inject('NAN@6', monkeypatch)
     with pytest.raises(engine.NonFiniteLossError) as e:
         train.train(compose(TINY), run_dir=str(run_dir))
     msg = str(e.value)
@@ -148,7 +149,7 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
 
 def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
     run_dir = tmp_path / 'run'
-    monkeypatch.setenv('_REDNET_FAULT', 'NAN@2')
+    inject('NAN@2', monkeypatch)
     with pytest.warns(UserWarning, match='non-finite loss.*skipping'):
         train.train(compose(TINY + ['train.skip_nonfinite=true', 'train.epochs=1']), run_dir=str(run_dir))
     row = _metrics(run_dir)[0]

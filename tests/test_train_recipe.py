@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+from _faulty_train import inject
 from _train_utils import TINY, compose, restore_torch_globals, torch_globals_kept  # noqa: F401
 
 import train  # noqa: E402
@@ -46,13 +47,9 @@ def two_plain_steps(tmp_path_factory):
                      f'train.clip_grad={CLIP}', 'train.ema=true', f'train.ema_decay={DECAY}',
                      f'model.pretrained={d / "w0.pth"}', 'train.label_smoothing=0.0']
     run_dir = d / 'run'
-    mp = pytest.MonkeyPatch()
-    mp.setenv('_REDNET_FAULT', 'TERM@1')
-    try:
-        with torch_globals_kept():
-            assert train.train(compose(overrides), run_dir=str(run_dir))['interrupted']
-    finally:
-        mp.undo()
+    with pytest.MonkeyPatch.context() as mp, torch_globals_kept():
+        inject('TERM@1', mp)
+        assert train.train(compose(overrides), run_dir=str(run_dir))['interrupted']
     first = _load(run_dir / 'checkpoints' / 'last.pt')
     assert first['step'] == 1 and first['epoch_complete']
     with torch_globals_kept():

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from _faulty_train import inject
 from _train_utils import TINY, compose, restore_torch_globals, torch_globals_kept  # noqa: F401
 
 import train  # noqa: E402
@@ -31,16 +32,10 @@ def _metrics(run_dir):
 
 
 def _run(run_dir, args, fault=None):
-    mp = pytest.MonkeyPatch()
-    if fault:
-        mp.setenv('_REDNET_FAULT', fault)
-    else:
-        mp.delenv('_REDNET_FAULT', raising=False)
-    try:
-        with torch_globals_kept():
-            return train.train(compose(args), run_dir=str(run_dir))
-    finally:
-        mp.undo()
+    with pytest.MonkeyPatch.context() as mp, torch_globals_kept():
+        if fault:
+            inject(fault, mp)
+        return train.train(compose(args), run_dir=str(run_dir))
 
 
 @pytest.fixture(scope='module')
