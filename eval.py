@@ -27,30 +27,31 @@ from rednet import data as rdata
 from rednet import engine
 from rednet.engine import log
 from rednet.checkpoint import CheckpointError, is_rednet, model_from_checkpoint, read_checkpoint
-from rednet.train_config import DataConfig, check_overrides
+from rednet.train_config import Amp, Choice, DataConfig, InvolutionBackend, check_overrides, choice_problem, to_plain
+
+
+class EvalTransform(Choice):
+    model = 'model'  # the checkpoint's own eval pipeline (input size, crop_pct, interpolation, mean/std)
+    data = 'data'    # the data config's values
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = MISSING
+    """The schema of ``configs/eval.yaml``: it holds the defaults, which the YAML only documents."""
+    checkpoint: str = MISSING                 # required: path of the checkpoint
     data: DataConfig = field(default_factory=DataConfig)
-    batch_size: int = 64
-    device: Optional[str] = None
-    amp: Optional[str] = None
+    batch_size: int = 64                      # per process
+    device: Optional[str] = None              # null: cuda when available, else cpu
+    amp: Optional[Amp] = None                 # null | bf16 | fp16
     channels_last: bool = False
-    transform: str = 'model'
-    class_map: Optional[str] = None
-    involution_backend: str = 'auto'
-    progress: bool = True
-    # training keys that data configs may carry (their recipe); unused here
-    model: Dict[str, Any] = field(default_factory=dict)
-    train: Dict[str, Any] = field(default_factory=dict)
-    optimizer: Dict[str, Any] = field(default_factory=dict)
-    schedule: Dict[str, Any] = field(default_factory=dict)
+    transform: EvalTransform = EvalTransform.model  # model | data
+    class_map: Optional[str] = None           # JSON {data set class name or index: model class index}
+    involution_backend: InvolutionBackend = InvolutionBackend.auto  # RedNet checkpoints: rednet.ops backend
+    progress: bool = True                     # tqdm progress bar (rank 0, only on a terminal)
 
 
 ConfigStore.instance().store(name='eval_schema', node=EvalConfig)
-EVAL_KEYS = [f.name for f in fields(EvalConfig) if f.name not in ('model', 'train', 'optimizer', 'schedule')]
+EVAL_KEYS = [f.name for f in fields(EvalConfig)]
 
 
 class EvalError(ValueError):
@@ -61,24 +62,31 @@ def check_eval_overrides(overrides) -> Optional[str]:
     if not any(item.startswith('checkpoint=') for item in overrides) and \
             not any(item.startswith(('-h', '--help', '--cfg', '--info')) for item in overrides):
         return 'give the checkpoint to evaluate: python eval.py checkpoint=PATH data=<name> [data.root=PATH]'
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
     for item in overrides:
         key = item.split('=', 1)[0].lstrip('+~')
         if '=' not in item or key.startswith('hydra.') or key.startswith('data.'):
             continue
         if key not in EVAL_KEYS:
             return f'unknown eval key {key!r}; valid keys: {", ".join(EVAL_KEYS)}, data.* and hydra.*'
+        try:
+            override = OverridesParser.create().parse_overrides([item])[0]
+        except OverrideParseException as e:
+            return f'cannot parse the override: {e}'
+        problem = choice_problem(EvalConfig, key, key, override)
+        if problem:
+            return problem
     return check_overrides([i for i in overrides if i.startswith('data.')])
 
 
 def eval_data_config(cfg: DictConfig, model: torch.nn.Module) -> DictConfig:
     """The data config with the model's own eval pipeline (unless ``transform=data``)."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True)
     if cfg.transform == 'model':
         pc = model.pretrained_cfg
         data.update(img_size=int(pc['input_size'][-1]), crop_pct=float(pc['crop_pct']),
                     interpolation=pc['interpolation'], mean=list(pc['mean']), std=list(pc['std']))
-    elif cfg.transform != 'data':
-        raise EvalError(f'transform={cfg.transform!r} is not valid; choose model or data')
     return OmegaConf.create(data)
 
 
@@ -120,8 +128,7 @@ def match_classes(cfg: DictConfig, dataset: Dataset, num_classes: int) -> Datase
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
-    if cfg.amp not in (None, 'bf16', 'fp16'):
-        raise EvalError(f'amp={cfg.amp!r} is not valid; choose null, bf16 or fp16')
+    cfg = to_plain(cfg)  # the schema's choices (amp, transform, ...) as plain strings; checked at composition
     info = engine.setup_distributed(cfg.device)
     run_dir = Path(engine.broadcast_object(HydraConfig.get().runtime.output_dir))
     ckpt = read_checkpoint(cfg.checkpoint)  # a RedNet of any format, or a timm baseline train.py trained

@@ -33,7 +33,7 @@ from rednet import engine
 from rednet.checkpoint import is_rednet
 from rednet.engine import log
 from rednet.train_config import (INVOLUTION_KEYS, check_involution_config, check_involution_overrides,
-                                 check_overrides, register_schema)
+                                 check_overrides, register_schema, to_plain)
 
 register_schema()
 
@@ -46,28 +46,15 @@ class ConfigError(ValueError):
 # 1. config checks
 
 def validate_config(cfg: DictConfig) -> None:
-    """Values the schema's types cannot check: names, choices and ranges. Fails before any work."""
+    """Values the schema's types and choices (rednet/train_config.py, checked at composition) cannot check: the
+    model name, the involution settings and ranges. Fails before any work."""
     import timm
-    from rednet.ops import BACKENDS
-
-    def choose(value, choices, key):
-        if value not in choices:
-            raise ConfigError(f'{key}={value!r} is not valid; choose one of: {", ".join(map(str, choices))}')
-
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f'model.name={cfg.model.name!r} is not a timm model; RedNet models: '
                           f'{", ".join(timm.list_models("rednet*"))} (or any timm model, e.g. resnet50)')
-    if is_rednet(cfg.model.name):
-        choose(cfg.model.involution_backend, BACKENDS, 'model.involution_backend')
     problem = check_involution_config(cfg.model)
     if problem:
         raise ConfigError(problem)
-    choose(cfg.data.name, rdata.DATASETS, 'data.name')
-    choose(cfg.data.bad_images, ('error', 'skip'), 'data.bad_images')
-    choose(cfg.data.train_crop, ('rrc', 'pad', 'none'), 'data.train_crop')
-    choose(cfg.schedule.name, ('cosine', 'constant'), 'schedule.name')
-    choose(cfg.train.amp, (None, 'bf16', 'fp16'), 'train.amp')
-    choose(cfg.train.clip_mode, ('norm', 'value', 'agc'), 'train.clip_mode')
     for key in ('train.epochs', 'train.batch_size', 'train.grad_accum', 'train.eval_every', 'data.img_size'):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f'{key} must be >= 1, got {OmegaConf.select(cfg, key)}')
@@ -197,7 +184,7 @@ def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_
     s = cfg.schedule
     lr = optimizer.param_groups[0].get('initial_lr', optimizer.param_groups[0]['lr'])
     fn = engine.WarmupCosine(cfg.train.epochs, steps_per_epoch, round(s.warmup_epochs * steps_per_epoch),
-                             s.warmup_ratio, s.min_lr / lr if lr > 0 else 0.0, s.per_step, s.name)
+                             s.warmup_ratio, s.min_lr / lr if lr > 0 else 0.0, s.per_step, str(s.name))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=step - 1)
 
 
@@ -251,7 +238,8 @@ def checkpoint_state(model, arch, model_args, optimizer, scheduler, scaler, ema,
         'ema': ema.module.state_dict() if ema is not None else None,
         'epoch': epoch, 'epoch_complete': epoch_complete, 'batches_done': batches_done, 'step': step,
         'best_top1': best_top1, 'metrics': metrics, 'world_size': world_size,
-        'config': OmegaConf.to_container(cfg, resolve=True), 'config_yaml': OmegaConf.to_yaml(cfg, resolve=True),
+        'config': OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),  # plain: weights_only loads it
+        'config_yaml': OmegaConf.to_yaml(cfg, resolve=True),
         'format_version': 1,
     }
 
@@ -287,7 +275,8 @@ def _config_changes(ckpt: Dict[str, Any], cfg: DictConfig, layout: Dict[str, Any
                  processes='processes')
     changes = [f'{name} {old[k]} -> {layout[k]}' for k, name in names.items() if old[k] != layout[k]]
     for section in ('optimizer', 'schedule'):
-        saved, now = ckpt['config'].get(section, {}), OmegaConf.to_container(cfg[section], resolve=True)
+        saved = ckpt['config'].get(section, {})
+        now = OmegaConf.to_container(cfg[section], resolve=True, enum_to_str=True)
         changes += [f'{section}.{k} {saved.get(k)} -> {v}' for k, v in now.items() if saved.get(k) != v]
     return changes
 
@@ -406,7 +395,9 @@ def log_epoch(writer, metrics_path: Optional[Path], m: Dict[str, Any]) -> None:
 
 def train(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     """The whole run; ``run_dir`` defaults to Hydra's run directory (``hydra.run.dir``). Everything logged also
-    goes to ``train.log`` there; the resolved config is written to ``config.yaml``."""
+    goes to ``train.log`` there; the resolved config is written to ``config.yaml``. The run sees the config with
+    plain strings for the schema's choices (:func:`rednet.train_config.to_plain`)."""
+    cfg = to_plain(cfg)
     validate_config(cfg)
     info, run_dir = setup(cfg, run_dir)
     with engine.log_to_file(str(run_dir / 'train.log') if info.is_main else None):
