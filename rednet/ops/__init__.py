@@ -43,7 +43,7 @@ from .reference import involution_reference
 
 __all__ = ['involution', 'involution_reference', 'involution_native', 'involution_functional', 'involution_cpp',
            'involution_fused',
-           'involution_span_unfused', 'output_size', 'BACKENDS', 'resolve_backend']
+           'involution_span_unfused', 'output_size', 'BACKENDS', 'resolve_backend', 'INDUCTOR_OPTIONS']
 
 BACKENDS = ('auto', 'reference', 'native', 'functional', 'cpp', 'triton')
 
@@ -151,6 +151,14 @@ def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor):
 # precision first, so 'kernels' everywhere until a compiled-speed comparison and a precision fix say otherwise
 COMPILE_AUTO = {'cpu': 'kernels', 'cuda': 'kernels'}
 _warned_no_triton = False
+
+# torch.compile(model, options=INDUCTOR_OPTIONS.get(device_type, {})) for training: with mkldnn, inductor stores the
+# convolutions' activations channels_last on the CPU (layout_optimization), and then sums each channel's batch-norm
+# statistics serially in float32 along the strided N*H*W axis, where eager NCHW accumulates them in double: about 3x
+# (up to 12x) eager's forward rounding error, enough to flip ReLU masks, each flip an O(1) change of one gradient
+# element and up to 1e-3 .. 1e-1 relative error in bias gradients whose terms cancel (docs/gpu.md, "Compiled training
+# precision"; pure-torch repro: scripts/inductor_bn_precision.py). NCHW keeps the compiled error at eager's.
+INDUCTOR_OPTIONS = {'cpu': {'layout_optimization': False}}
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
