@@ -146,9 +146,9 @@ def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor):
 
 # what `auto` runs under torch.compile, per device type: 'kernels' keeps the hand-written kernels as one opaque
 # operator (cpp on CPU, Triton on CUDA), whose gradients equal eager's; 'functional' lets the compiler fuse the
-# taps with their neighbours, which measured faster on the CPU (RedNet-50 1.14x ResNet-50 compiled vs 0.89x eager)
-# but whose inductor-compiled float32 gradients of a whole RedNet-26 were off by up to 0.17 relative (docs/gpu.md):
-# precision first, so 'kernels' everywhere until a compiled-speed comparison and a precision fix say otherwise
+# taps with their neighbours: compiled RedNet-26 on the CPU, it infers 1.42x faster than the kernels but trains no
+# faster (4.18 vs 4.24 img/s) and compiles 3x longer (docs/performance.md), so 'kernels' everywhere. (The compiled
+# float32 gradient errors once blamed on 'functional' come from inductor's batch norms; see INDUCTOR_OPTIONS.)
 COMPILE_AUTO = {'cpu': 'kernels', 'cuda': 'kernels'}
 _warned_no_triton = False
 
