@@ -145,7 +145,7 @@ def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor):
 
 
 # what `auto` runs under torch.compile, per device type: 'kernels' keeps the hand-written kernels as one opaque
-# operator (cpp on CPU, Triton on CUDA), whose gradients equal eager's; 'functional' lets the compiler fuse the
+# operator (cpp on CPU, Triton on CUDA), the same kernels as eager; 'functional' lets the compiler fuse the
 # taps with their neighbours: compiled RedNet-26 on the CPU, it infers 1.42x faster than the kernels but trains no
 # faster (4.18 vs 4.24 img/s) and compiles 3x longer (docs/performance.md), so 'kernels' everywhere. (The compiled
 # float32 gradient errors once blamed on 'functional' come from inductor's batch norms; see INDUCTOR_OPTIONS.)
