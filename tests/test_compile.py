@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rednet.model import RedNet
-from rednet.ops import involution, output_size, resolve_backend
+from rednet.ops import INDUCTOR_OPTIONS, involution, output_size, resolve_backend
 from rednet.ops import _common, native, triton_kernels
 from rednet.ops.library import involution_op
 
@@ -270,5 +270,29 @@ def test_compiled_training_gradients_match_eager_float32(backend='auto'):
     out, grads = _grads(torch.compile(copy.deepcopy(model), fullgraph=True), x)
     want_out, want_grads = _grads(copy.deepcopy(model), x)
     torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)
+    assert set(grads) == set(want_grads)
+    _assert_grads_close(grads, want_grads, 1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_functional_training_matches_eager_float32_with_the_inductor_options():
+    # inductor on the functional backend (the compiler fuses the taps with their neighbours) with
+    # rednet.ops.INDUCTOR_OPTIONS['cpu']: the forward stays as close to float64 as eager's, and every parameter's
+    # float32 gradient equals eager's within 1e-4 relative. The stem and one bottleneck at 32x32, batch 2: 2048 values
+    # per batch-norm channel. With inductor's default channels_last activations (options={}) this model's output is
+    # 9.4e-7 from float64 (eager: 7.9e-8) and stem.conv2.bn.bias's gradient 1.9e-4 from eager's (docs/gpu.md)
+    torch.manual_seed(0)
+    model = RedNet((1, 0, 0, 0), num_classes=10, small_input=True, kernel_size=3, involution_backend='functional')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref_out = copy.deepcopy(model).double()(x.double())
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, options=INDUCTOR_OPTIONS['cpu'])
+    out, grads = _grads(compiled, x)
+    want_out, want_grads = _grads(copy.deepcopy(model), x)
+    scale = ref_out.abs().max()
+    eager_err = float((want_out.double() - ref_out).abs().max() / scale)
+    compiled_err = float((out.double() - ref_out).abs().max() / scale)
+    assert compiled_err <= 5 * max(eager_err, 1e-7), (compiled_err, eager_err)
     assert set(grads) == set(want_grads)
     _assert_grads_close(grads, want_grads, 1e-4)

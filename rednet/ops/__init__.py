@@ -44,7 +44,8 @@ from .reference import involution_reference
 
 __all__ = ['involution', 'involution_reference', 'involution_native', 'involution_functional', 'involution_cpp',
            'involution_fused',
-           'involution_span_unfused', 'output_size', 'not_eager', 'BACKENDS', 'resolve_backend']
+           'involution_span_unfused', 'output_size', 'not_eager', 'BACKENDS', 'resolve_backend',
+           'INDUCTOR_OPTIONS']
 
 BACKENDS = ('auto', 'reference', 'native', 'functional', 'cpp', 'triton')
 
@@ -176,12 +177,20 @@ def involution_fused(x: torch.Tensor, r: torch.Tensor, span_weight: torch.Tensor
 
 
 # what `auto` runs under torch.compile, per device type: 'kernels' keeps the hand-written kernels as one opaque
-# operator (cpp on CPU, Triton on CUDA), whose gradients equal eager's; 'functional' lets the compiler fuse the
-# taps with their neighbours, which measured faster on the CPU (RedNet-50 1.14x ResNet-50 compiled vs 0.89x eager)
-# but whose inductor-compiled float32 gradients of a whole RedNet-26 were off by up to 0.17 relative (docs/gpu.md):
-# precision first, so 'kernels' everywhere until a compiled-speed comparison and a precision fix say otherwise
+# operator (cpp on CPU, Triton on CUDA), the same kernels as eager; 'functional' lets the compiler fuse the
+# taps with their neighbours: compiled RedNet-26 on the CPU, it infers 1.42x faster than the kernels but trains no
+# faster (4.18 vs 4.24 img/s) and compiles 3x longer (docs/performance.md), so 'kernels' everywhere. (The compiled
+# float32 gradient errors once blamed on 'functional' come from inductor's batch norms; see INDUCTOR_OPTIONS.)
 COMPILE_AUTO = {'cpu': 'kernels', 'cuda': 'kernels'}
 _warned_no_triton = False
+
+# torch.compile(model, options=INDUCTOR_OPTIONS.get(device_type, {})) for training: with mkldnn, inductor stores the
+# convolutions' activations channels_last on the CPU (layout_optimization), and then sums each channel's batch-norm
+# statistics serially in float32 along the strided N*H*W axis, where eager NCHW accumulates them in double: about 3x
+# (up to 12x) eager's forward rounding error, enough to flip ReLU masks, each flip an O(1) change of one gradient
+# element and up to 1e-3 .. 1e-1 relative error in bias gradients whose terms cancel (docs/gpu.md, "Compiled training
+# precision"; pure-torch repro: scripts/inductor_bn_precision.py). NCHW keeps the compiled error at eager's.
+INDUCTOR_OPTIONS = {'cpu': {'layout_optimization': False}}
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
