@@ -32,6 +32,7 @@ from rednet import data as rdata
 from rednet import engine
 from rednet.checkpoint import is_rednet
 from rednet.engine import log
+from rednet.ops import INDUCTOR_OPTIONS
 from rednet.train_config import (INVOLUTION_KEYS, check_involution_config, check_involution_overrides,
                                  check_overrides, register_schema, to_plain)
 
@@ -144,8 +145,8 @@ def build_model(cfg: DictConfig, num_classes: int, info: engine.DistInfo):
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     wrapped = model
-    if cfg.train.compile:
-        wrapped = torch.compile(wrapped)
+    if cfg.train.compile:  # inductor options that keep compiled float32 training as accurate as eager (CPU)
+        wrapped = torch.compile(wrapped, options=INDUCTOR_OPTIONS.get(info.device.type))
     if info.distributed:
         wrapped = nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[info.device] if info.device.type == 'cuda' else None)

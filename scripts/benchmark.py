@@ -51,7 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 import rednet  # noqa: E402,F401  (registers the RedNets with timm)
-from rednet.ops import involution, output_size  # noqa: E402
+from rednet.ops import INDUCTOR_OPTIONS, involution, output_size  # noqa: E402
 
 # (N, C, H=W, stride): the involutions of RedNet-50 at 224x224, batch 8 (the stage shapes, plus the stride-2
 # first block of stage 2)
@@ -283,7 +283,9 @@ def build_model(name: str, backend: str, small_input: bool = False):
 def bench_models(args, device, dtype, backends) -> None:
     batch, size = args.batch, args.img_size
     amp = dtype != torch.float32
-    mode = ('compiled' if args.compile else 'eager') + (f', autocast {dtype_name(dtype)}' if amp else ', float32') \
+    options = INDUCTOR_OPTIONS.get(device.type) if args.compile else None
+    mode = ('compiled' + (f' with {options}' if options else '') if args.compile else 'eager') \
+        + (f', autocast {dtype_name(dtype)}' if amp else ', float32') \
         + (', channels_last' if args.channels_last else '')
     stem = ', RedNets with the small-input stem' if args.small_input else ''
     print(f'\n### Whole models, batch {batch}, {size}x{size}{stem}, {mode}, {device_desc(device)}\n')
@@ -307,7 +309,7 @@ def bench_models(args, device, dtype, backends) -> None:
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        fwd = torch.compile(model) if args.compile else model
+        fwd = torch.compile(model, options=options) if args.compile else model
 
         def train_step(model=model, fwd=fwd, opt=opt):
             model.train()

@@ -272,3 +272,17 @@ def test_eval_counts_each_image_once_and_reports_skipped_ones(tmp_path):
     result = json.loads((out / 'eval.json').read_text())
     assert result['images'] == 12 and result['skipped_images'] == 1
     assert '1 unreadable skipped' in r.stdout
+
+
+def test_compiled_training_on_cpu_keeps_activations_nchw(tmp_path, monkeypatch):
+    # train.compile=true compiles with inductor's layout optimisation off on the CPU: its channels_last activations
+    # sum batch-norm statistics serially in float32 and flip ReLU masks (docs/gpu.md, "Compiled training precision";
+    # the precision itself is tested in tests/test_compile.py). torch.compile is replaced by a recorder here.
+    seen = []
+
+    def fake_compile(model, **kwargs):
+        seen.append(kwargs)
+        return model
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    train.train(compose(TINY + ['train.compile=true', 'train.epochs=1']), run_dir=str(tmp_path / 'run'))
+    assert len(seen) == 1 and seen[0].get('options') == {'layout_optimization': False}, seen
