@@ -20,6 +20,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
+from timm.data import resolve_model_data_config
 from torch.utils.data import Dataset
 
 import rednet
@@ -84,7 +85,7 @@ def eval_data_config(cfg: DictConfig, model: torch.nn.Module) -> DictConfig:
     """The data config with the model's own eval pipeline (unless ``transform=data``)."""
     data = OmegaConf.to_container(cfg.data, resolve=True, enum_to_str=True)
     if cfg.transform == 'model':
-        pc = model.pretrained_cfg
+        pc = resolve_model_data_config(model)  # timm's reading of the model's pretrained_cfg
         data.update(img_size=int(pc['input_size'][-1]), crop_pct=float(pc['crop_pct']),
                     interpolation=pc['interpolation'], mean=list(pc['mean']), std=list(pc['std']))
     return OmegaConf.create(data)
