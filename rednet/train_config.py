@@ -133,6 +133,15 @@ def check_involution_config(model: Any) -> Optional[str]:
     return None
 
 
+def _override_values(override: Any) -> Optional[List[Any]]:
+    """The values a parsed override (Hydra's parser) sets: every value of a sweep; None for a sweep without a
+    finite list of values, which is left to Hydra."""
+    try:
+        return list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def check_involution_overrides(overrides: List[str]) -> Optional[str]:
     """Every value the command line gives ``model.kernel_size`` ... (sweeps such as ``3,5,7`` or ``range(3,10,2)``
     included), checked before Hydra runs anything: a multirun with one bad value fails before its first job."""
@@ -145,10 +154,11 @@ def check_involution_overrides(overrides: List[str]) -> Optional[str]:
     from .model import check_involution_args
     try:
         parsed = OverridesParser.create().parse_overrides(wanted)
-        jobs = [(o.key_or_group, list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()])
-                for o in parsed]
     except (HydraException, ValueError, TypeError):
-        return None  # a syntax Hydra reports itself, or a sweep without a finite list of values
+        return None  # a syntax Hydra reports itself
+    jobs = [(o.key_or_group, _override_values(o)) for o in parsed]
+    if any(values is None for _, values in jobs):
+        return None
     for key, values in jobs:
         for value in values:
             try:
@@ -281,14 +291,14 @@ def choice_problem(schema: type, name: str, key: str, override: Any) -> Optional
     """A message naming the valid values when the parsed override ``override`` (Hydra's parser; sweeps
     included) gives the field ``name`` of dataclass ``schema`` a value that is not one of its choices; else None.
     ``key`` is the key as the user wrote it (``data.train_crop``)."""
-    choices = _choices_of(typing.get_type_hints(schema).get(name))
+    annotation = typing.get_type_hints(schema).get(name)
+    choices = _choices_of(annotation)
     if choices is None or override.is_delete():
         return None
-    try:
-        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-    except Exception:  # noqa: BLE001  (a sweep without a finite list of values: left to Hydra)
+    values = _override_values(override)
+    if values is None:
         return None
-    optional = type(None) in typing.get_args(typing.get_type_hints(schema)[name])
+    optional = type(None) in typing.get_args(annotation)
     valid = [c.value for c in choices] + (['null'] if optional else [])
     for value in values:
         if value is None and optional or isinstance(value, str) and value in choices.__members__:
@@ -312,11 +322,7 @@ def _recipe_problem(override: Any) -> Optional[str]:
         return None
     root = Path(__file__).resolve().parents[1] / 'configs' / 'recipe'
     known = sorted(p.stem for p in root.glob('*.yaml'))
-    try:
-        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-    except Exception:  # noqa: BLE001  (left to Hydra)
-        return None
-    for value in values:
+    for value in _override_values(override) or []:
         if not isinstance(value, str) or value not in known:
             return (f'recipe={value} is not a recipe; available: {", ".join(known)} (configs/recipe/); '
                     f'~recipe trains without the data set\'s recipe')
