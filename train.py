@@ -458,7 +458,8 @@ def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]
 
     def state(epoch, complete, done, metrics=None):
         return dict(checkpoint_state(model, arch, model_args, optimizer, scheduler, scaler, ema, cfg, epoch,
-                                     complete, done, step, best_top1, metrics, info.world_size), layout=layout)
+                                     complete, done, progress.global_step, best_top1, metrics, info.world_size),
+                    layout=layout)
 
     metrics: Dict[str, Any] = {}
     try:
@@ -466,14 +467,13 @@ def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]
             train_loader.sampler.set_epoch(epoch, skip=progress.batches_done * cfg.train.batch_size)
             stats = engine.train_one_epoch(wrapped, train_loader, optimizer, scheduler, criterion, epoch, setup,
                                            progress)
-            step = progress.global_step
             engine.broadcast_buffers(model)  # validate and save the same BatchNorm statistics on every rank
             if ema is not None:
                 engine.broadcast_buffers(ema.module)
             if stats['interrupted']:
                 save_checkpoint(last_path, state(epoch, False, progress.batches_done), info, model)
-                log(f'SIGTERM: stopped at epoch {epoch}, step {step}; saved {last_path}. Continue with the same '
-                    f'command plus train.resume=auto hydra.run.dir={run_dir}')
+                log(f'SIGTERM: stopped at epoch {epoch}, step {progress.global_step}; saved {last_path}. Continue '
+                    f'with the same command plus train.resume=auto hydra.run.dir={run_dir}')
                 stop.pass_on()
                 return {'interrupted': True, 'run_dir': str(run_dir), **metrics}
             progress.batches_done = 0
@@ -489,7 +489,7 @@ def fit(cfg: DictConfig, info: engine.DistInfo, run_dir: Path) -> Dict[str, Any]
             if is_best:
                 best_top1 = val['top1']
             metrics = dict(
-                epoch=epoch, step=step, train_loss=stats['loss'],
+                epoch=epoch, step=progress.global_step, train_loss=stats['loss'],
                 val_loss=val['loss'] if val else None, val_top1=val['top1'] if val else None,
                 val_top5=val['top5'] if val else None, lr=stats['lr'], img_per_sec=stats['img_per_sec'],
                 epoch_time=stats['time'], val_img_per_sec=val['img_per_sec'] if val else None,
